@@ -217,7 +217,7 @@ def synthetic_images(n, shape, classes, seed):
     protos = F.interpolate(torch.rand(classes, c, 4, 4, generator=g), size=(h, w), mode='bilinear', align_corners=False)
     g.manual_seed(seed)
     y = torch.randint(0, classes, (n,), generator=g)
-    x = protos[y] + 0.08 * torch.randn(n, c, h, w, generator=g)
+    x = protos[y] + 0.15 * torch.randn(n, c, h, w, generator=g)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
