@@ -392,6 +392,19 @@ def ibp_margins(model, x, y, eps, pre=None):
     return last(h), lb
 
 
+class Margins(nn.Module):
+    # ibp_margins as a module: DistributedDataParallel syncs gradients only for work done inside its
+    # wrapped forward, and torch.compile takes a module as it is.
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, eps):
+        pre = []
+        logits, lb = ibp_margins(self.model, x, y, eps, pre)
+        return logits, lb, pre
+
+
 def verified(lb, y):
     # A sample is verified when every margin z_y - z_j, j != y, has a positive lower bound.
     return ((lb > 0) | F.one_hot(y, lb.shape[1]).bool()).all(1)
@@ -554,13 +567,12 @@ def lr_at(epoch, cfg):
     return cfg.lr * cfg.lr_decay ** sum(epoch > m for m in cfg.lr_milestones)
 
 
-def batch_loss(model, x, y, eps, lam, cfg, bounds=ibp_margins):
+def batch_loss(bounds, x, y, eps, lam, cfg):
     # The training objective of one batch, Eq. (10); also returns detached statistics for the log.
     #
     # eps = 0: the data loss is the ordinary cross-entropy, and the bounds use eps = EPS_FLOOR so the
     # regularizers see a non-empty box. eps > 0: the loss is purely robust, Eq. (9).
-    pre = []
-    logits, lb = bounds(model, x, y, max(eps, EPS_FLOOR), pre)
+    logits, lb, pre = bounds(x, y, max(eps, EPS_FLOOR))  # bounds: a Margins module
     l_rob = F.cross_entropy(logits, y) if eps == 0 else robust_loss(lb)
     l_tight, l_relu = warmup_regularizers(pre, cfg.tau)
     loss = l_rob
@@ -574,15 +586,15 @@ def batch_loss(model, x, y, eps, lam, cfg, bounds=ibp_margins):
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
-def train_step(model, opt, x, y, eps, lam, cfg, bounds=ibp_margins):
+def train_step(bounds, opt, x, y, eps, lam, cfg):
     # One optimizer step over a batch split into cfg.accum_steps chunks; returns summed stats.
     opt.zero_grad(set_to_none=True)
     total = None
     for xc, yc in zip(x.chunk(cfg.accum_steps), y.chunk(cfg.accum_steps)):
-        loss, stats = batch_loss(model, xc, yc, eps, lam, cfg, bounds)
+        loss, stats = batch_loss(bounds, xc, yc, eps, lam, cfg)
         (loss / cfg.accum_steps).backward()
         total = stats if total is None else {k: total[k] + v for k, v in stats.items()}
-    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    nn.utils.clip_grad_norm_(bounds.parameters(), cfg.grad_clip)
     opt.step()
     return {k: v / cfg.accum_steps for k, v in total.items()}
 
@@ -688,7 +700,8 @@ def format_record(r):
 # Training loop
 # ----------------------------------------------------------------------------------------------
 def setup_device(cfg):
-    name = ('cuda' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
+    local = os.environ.get('LOCAL_RANK')  # set by torchrun: one GPU per process
+    name = (f'cuda:{local or 0}' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
     try:
         dev = torch.device(name)
         torch.empty(1, device=dev)
@@ -698,7 +711,17 @@ def setup_device(cfg):
         cfg.channels_last = dev.type == 'cuda'
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32  # training only
     torch.backends.cudnn.benchmark = True
+    if dev.type == 'cuda':
+        torch.cuda.set_device(dev)
     return dev
+
+
+def setup_distributed(dev):
+    # Under torchrun (WORLD_SIZE > 1): one process per device on torch.distributed; returns (rank, world).
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
 def to_input(x, cfg):
@@ -706,41 +729,55 @@ def to_input(x, cfg):
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
-def prepare(cfg, dev, info, ibp_init=None):
+def prepare(cfg, dev, info, world=1):
+    # The model, its Adam optimizer, and the Margins module that training calls (DDP/compiled if asked).
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg if ibp_init is None else dataclasses.replace(cfg, ibp_init=ibp_init), info).to(dev)
+    model = build_model(cfg, info).to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    bounds = torch.compile(ibp_margins) if cfg.compile else ibp_margins
+    bounds = Margins(model)
+    if world > 1:  # gradients averaged across ranks; BN statistics stay per rank, as with accumulation
+        bounds = nn.parallel.DistributedDataParallel(bounds, device_ids=[dev] if dev.type == 'cuda' else None)
+    if cfg.compile:
+        bounds = torch.compile(bounds)
     return model, torch.optim.Adam(model.parameters(), lr=cfg.lr), bounds
+
+
+def load_checkpoint(cfg, model, opt, dev):
+    # Resume state from OUT_DIR/last.pt: (first epoch to run, best validation error, wall seconds).
+    path = os.path.join(cfg.out_dir, 'last.pt')
+    if not cfg.resume:
+        if os.path.exists(path):
+            raise UserError(f'{cfg.out_dir} already holds a run: pass --resume to continue it, or another --out-dir')
+        return 1, float('inf'), 0.0
+    if not os.path.exists(path):
+        raise UserError(f'--resume: no checkpoint at {path}')
+    ck = torch.load(path, map_location=dev, weights_only=False)
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, like the saved config
+    diff = [k for k, v in ck['config'].items() if k not in RUNTIME_FIELDS and v != now.get(k)]
+    if diff:
+        raise UserError(f'--resume: the run in {cfg.out_dir} was started with other values of: ' + ', '.join(diff))
+    model.load_state_dict(ck['model'])
+    opt.load_state_dict(ck['optimizer'])
+    return ck['epoch'] + 1, ck['best'], ck['wall']
 
 
 def train(cfg):
     dev = setup_device(cfg)
+    rank, world = setup_distributed(dev)
     info = dataset_info(cfg)
     data = load_data(cfg, dev)
-    model, opt, bounds = prepare(cfg, dev, info)
-    ckpt_path, log_path = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'log.jsonl')
-    start_epoch, best, wall = 1, float('inf'), 0.0
-    if cfg.resume:
-        if not os.path.exists(ckpt_path):
-            raise UserError(f'--resume: no checkpoint at {ckpt_path}')
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-        diff = [k for k, v in ck['config'].items() if k not in RUNTIME_FIELDS and v != (list(getattr(cfg, k)) if
-                isinstance(getattr(cfg, k), tuple) else getattr(cfg, k))]
-        if diff:
-            raise UserError(f'--resume: the run in {cfg.out_dir} was started with other values of: ' + ', '.join(diff))
-        model.load_state_dict(ck['model'])
-        opt.load_state_dict(ck['optimizer'])
-        start_epoch, best, wall = ck['epoch'] + 1, ck['best'], ck['wall']
-    elif os.path.exists(ckpt_path):
-        raise UserError(f'{cfg.out_dir} already holds a run: pass --resume to continue it, or another --out-dir')
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(log_path, 'w') as f:  # keep exactly the epochs the checkpoint holds
-        f.writelines(json.dumps(r) + '\n' for r in read_log(log_path, start_epoch - 1))
+    model, opt, bounds = prepare(cfg, dev, info, world)
+    start_epoch, best, wall = load_checkpoint(cfg, model, opt, dev)
+    log_path = os.path.join(cfg.out_dir, 'log.jsonl')
+    if rank == 0:  # only rank 0 prints, logs and saves
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        records = read_log(log_path, start_epoch - 1)  # exactly the epochs the checkpoint holds
+        with open(log_path, 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in records)
     x_train, y_train = data['train']
     n, bs = len(y_train), cfg.batch_size
-    steps = math.ceil(n / bs)
+    steps = n // bs if 0 < n % bs < world else math.ceil(n / bs)  # every rank gets a non-empty shard
     ramp_end = cfg.eps_start + cfg.eps_length - 1
     use_reg = cfg.reg_tightness or cfg.reg_relu
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -757,17 +794,23 @@ def train(cfg):
             lam = lam_at(eps, cfg.eps, cfg.lam0) if use_reg and epoch <= ramp_end else 0.0  # [paper] warmup only
             idx = perm[i * bs:(i + 1) * bs]
             x = x_train[idx].float() / 255
-            x = to_input(augment(x, info['pad'], gen) if info['pad'] else x, cfg)
-            stats = train_step(model, opt, x, y_train[idx], eps, lam, cfg, bounds)
+            x = to_input(augment(x, info['pad'], gen) if info['pad'] else x, cfg).tensor_split(world)[rank]
+            y = y_train[idx].tensor_split(world)[rank]  # this rank's shard of the global batch
+            stats = train_step(bounds, opt, x, y, eps, lam, cfg)
             for k, v in stats.items():  # summed on the device: no host round trip inside the epoch
-                sums[k] = sums.get(k, 0) + v * len(idx)
-        sums = {k: (v / n).tolist() for k, v in sums.items()}
+                sums[k] = sums.get(k, 0) + v * len(y)
+        if world > 1:
+            for v in sums.values():
+                torch.distributed.all_reduce(v)
+        sums = {k: (v / min(n, steps * bs)).tolist() for k, v in sums.items()}
         train_s = time.time() - t0
+        if rank > 0:
+            continue
         test = evaluate(model, data['test'], eps)
+        relu = list(zip(*sums['relu']))
         rec = dict(epoch=epoch, eps=eps, lam=lam, lr=lr, **{k: sums[k] for k in ('loss', 'l_tightness', 'l_relu', 'train_err', 'train_ver_err')},
-                   active=sum(s[0] for s in sums['relu']) / len(sums['relu']), inactive=sum(s[1] for s in sums['relu']) / len(sums['relu']),
-                   unstable=sum(s[2] for s in sums['relu']) / len(sums['relu']), relu_per_layer=sums['relu'],
-                   test_err=test['std_err'], test_ver_err=test['ver_err'], img_per_s=n / train_s)
+                   active=sum(relu[0]) / len(relu[0]), inactive=sum(relu[1]) / len(relu[1]), unstable=sum(relu[2]) / len(relu[2]),
+                   relu_per_layer=sums['relu'], test_err=test['std_err'], test_ver_err=test['ver_err'], img_per_s=min(n, steps * bs) / train_s)
         if data['val'] is not None:  # selection on held-out training data, never on the test set
             val = evaluate(model, data['val'], cfg.eps)
             rec.update(val_err=val['std_err'], val_ver_err=val['ver_err'])
@@ -780,10 +823,12 @@ def train(cfg):
         with open(log_path, 'a') as f:
             f.write(json.dumps(rec) + '\n')
         atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=dataclasses.asdict(cfg),
-                         epoch=epoch, best=best, wall=wall), ckpt_path)
+                         epoch=epoch, best=best, wall=wall), os.path.join(cfg.out_dir, 'last.pt'))
+    if rank > 0:
+        return None
     final = evaluate(model, data['test'], cfg.eps, pgd_steps=cfg.pgd_steps, pgd_restarts=cfg.pgd_restarts, seed=cfg.seed)
     metrics = dict(final_epoch=cfg.epochs, eps=cfg.eps, **final, test_size=len(data['test'][1]),
-                   wall_seconds=wall, device=str(dev), config=dataclasses.asdict(cfg))
+                   wall_seconds=wall, device=str(dev), world_size=world, config=dataclasses.asdict(cfg))
     atomic_save(metrics, os.path.join(cfg.out_dir, 'metrics.json'))
     pgd = '' if final['pgd_err'] is None else f" PGD error {final['pgd_err']:.4f} |"
     print(f"final (epoch {cfg.epochs}, eps {cfg.eps:.5f}): standard error {final['std_err']:.4f} |{pgd} "
@@ -835,7 +880,7 @@ def benchmark(cfg):
                 nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
                 opt.step()
             else:
-                train_step(model, opt, x, y, eps_mid, lam_at(eps_mid, c.eps, c.lam0) if name == 'ours' else 0.0, c, bounds)
+                train_step(bounds, opt, x, y, eps_mid, lam_at(eps_mid, c.eps, c.lam0) if name == 'ours' else 0.0, c)
         for _ in range(3):
             step()
         times = []
@@ -928,6 +973,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print('interrupted: last.pt holds the last finished epoch; run the same command with --resume', file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':
