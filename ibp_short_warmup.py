@@ -181,7 +181,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = _Parser(description='Fast certified robust training with short warmup (Shi et al., NeurIPS 2021).')
+    # Only the flags given on the command line land in the parsed namespace (SUPPRESS), so that
+    # --smoke fills exactly the others and Config's defaults the rest.
+    p = _Parser(description='Fast certified robust training with short warmup (Shi et al., NeurIPS 2021).',
+                argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
         t = [a for a in typing.get_args(f.type) if a is not type(None)] if typing.get_origin(f.type) is typing.Union else [f.type]
         t = t[0]
@@ -194,14 +197,9 @@ def parse_args(argv=None):
             kw.update(nargs='+', type=int)
         else:
             kw['type'] = t
-        p.add_argument('--' + f.name.replace('_', '-'), default=f.default, **kw)
-    args = vars(p.parse_args(argv))
-    if args['smoke']:  # the preset fills only what the user did not set
-        for k, v in SMOKE.items():
-            if args[k] == getattr(Config, k, None) or args[k] is None:
-                args[k] = v
-    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-    return Config(**args)
+        p.add_argument('--' + f.name.replace('_', '-'), **kw)
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()}
+    return Config(**{**(SMOKE if given.get('smoke') else {}), **given})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -754,7 +752,7 @@ def load_checkpoint(cfg, model, opt, dev):
         raise UserError(f'--resume: no checkpoint at {path}')
     ck = torch.load(path, map_location=dev, weights_only=False)
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, like the saved config
-    diff = [k for k, v in ck['config'].items() if k not in RUNTIME_FIELDS and v != now.get(k)]
+    diff = [k for k, v in json.loads(json.dumps(ck['config'])).items() if k not in RUNTIME_FIELDS and v != now.get(k)]
     if diff:
         raise UserError(f'--resume: the run in {cfg.out_dir} was started with other values of: ' + ', '.join(diff))
     model.load_state_dict(ck['model'])
