@@ -341,9 +341,10 @@ def ibp_forward(module, x, c, r, pre=None):
         conv = lambda t, w, b: F.conv2d(t, w, b, module.stride, module.padding, module.dilation, module.groups)
         return module(x), module(c), conv(r, module.weight.abs(), None)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        dims = [0] + list(range(2, x.dim()))
+        dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
         if module.training:  # [paper] Sec. 3.3.2: statistics of the clean batch, not detached
-            var, mean = torch.var_mean(x, dims, correction=0)
+            mean = x.mean(dims)  # (two plain reductions are several times faster than var_mean on a CPU)
+            var = (x - mean.view(shape)).square().mean(dims)
             with torch.no_grad():  # exactly what nn.BatchNorm does to its running statistics
                 n = x.numel() / x.shape[1]
                 module.running_mean.lerp_(mean, module.momentum)
@@ -353,7 +354,6 @@ def ibp_forward(module, x, c, r, pre=None):
             mean, var = module.running_mean, module.running_var
         w = module.weight * torch.rsqrt(var + module.eps)  # BN as the affine map w t + b
         b = module.bias - mean * w
-        shape = [1, -1] + [1] * (x.dim() - 2)
         w, b = w.view(shape), b.view(shape)
         return x * w + b, c * w + b, r * w.abs()
     if isinstance(module, nn.ReLU):
