@@ -910,9 +910,10 @@ def init_gains(model, x, y, eps):
     with torch.no_grad():
         ibp_margins(model, x, y, eps, pre)
     deltas = [r.mean().item() for _, r in pre]
+    shortcuts = {id(m) for b in model.modules() if isinstance(b, Residual) for m in b.shortcut.modules()}
     feeding, last = [], None
     for m in model.modules():  # the affine layer that feeds each ReLU (the branch's last one for a block)
-        last = m if isinstance(m, (nn.Linear, nn.Conv2d)) else last
+        last = m if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in shortcuts else last
         if isinstance(m, nn.ReLU):
             feeding.append(last)
     return [dict(layer=i + 1, fan_in=fan_in(w), gain_eq6=fan_in(w) / 2 * w.weight.abs().mean().item(),
