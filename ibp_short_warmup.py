@@ -503,31 +503,28 @@ def ibp_init_(model):
 # [paper] Warmup regularizers, Sec. 3.3.3
 # ----------------------------------------------------------------------------------------------
 def warmup_regularizers(pre, tau):
-    # L_tightness (Eq. 7) and L_relu (Eq. 8) from the boxes collected by ibp_forward.
+    # L_tightness (Eq. 7), L_relu (Eq. 8) and, for the log, the fractions of active (l > 0), inactive
+    # (u < 0) and unstable neurons of every ReLU layer (Figure 2), from the boxes of ibp_forward.
     #
     # pre[0] is the input box, pre[1:] the m pre-activation boxes; statistics pool the whole batch and
     # every neuron of a layer. Each ReLU(.) term lies in [0, tau], so both losses lie in [0, 1].
     delta0 = pre[0][1].mean()  # E(Delta_0): mean half-width of the (normalized) input box
-    tight, relu = [], []
+    tight, relu, states = [], [], []
     for c, r in pre[1:]:
         tight.append(F.relu(tau - delta0 / r.mean().clamp_min(DIV_GUARD)))  # Eq. (7)
-        active, inactive = (c - r > 0).float(), (c + r < 0).float()
-        dev = (c - c.mean()) ** 2
+        active, inactive = (c - r > 0).to(c.dtype), (c + r < 0).to(c.dtype)  # float masks: mul beats where
         term = 0
-        for p, q in [((c * active).sum(), -(c * inactive).sum()), ((dev * active).sum(), (dev * inactive).sum())]:
-            # min(alpha, 1/alpha) with alpha = p/q, written min(p, q)/max(p, q) to stay finite
+        for v in (c, (c - c.mean()).square()):  # alpha_i: shares of the mean of c; beta_i: of its variance
+            # p, q: the active and inactive neurons' contributions (c < 0 on inactive ones, hence abs);
+            # min(alpha, 1/alpha) with alpha = p/q is written min(p, q)/max(p, q) to stay finite
+            p, q = (v * active).sum(), (v * inactive).sum().abs()
             term = term + F.relu(tau - torch.minimum(p, q) / torch.maximum(p, q).clamp_min(DIV_GUARD))  # Eq. (8)
-        both = (active.amax() > 0) & (inactive.amax() > 0)  # only with active and inactive neurons
-        relu.append(torch.where(both, term, torch.zeros_like(term)))
+        n_active, n_inactive = active.sum(), inactive.sum()
+        relu.append(torch.where((n_active > 0) & (n_inactive > 0), term, 0))  # only with both kinds
+        states.append(torch.stack([n_active, n_inactive]) / c.numel())
     m = len(tight)
-    return torch.stack(tight).sum() / (tau * m), torch.stack(relu).sum() / (tau * m)
-
-
-def relu_states(pre):
-    # Fractions of active (l > 0), inactive (u < 0) and unstable neurons per ReLU layer (Figure 2).
-    with torch.no_grad():
-        s = torch.stack([torch.stack([(c - r > 0).float().mean(), (c + r < 0).float().mean()]) for c, r in pre[1:]])
-        return torch.cat([s, 1 - s.sum(1, keepdim=True)], 1)
+    states = torch.stack(states)
+    return sum(tight) / (tau * m), sum(relu) / (tau * m), torch.cat([states, 1 - states.sum(1, keepdim=True)], 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,7 +569,7 @@ def batch_loss(bounds, x, y, eps, lam, cfg):
     # regularizers see a non-empty box. eps > 0: the loss is purely robust, Eq. (9).
     logits, lb, pre = bounds(x, y, max(eps, EPS_FLOOR))  # bounds: a Margins module
     l_rob = F.cross_entropy(logits, y) if eps == 0 else robust_loss(lb)
-    l_tight, l_relu = warmup_regularizers(pre, cfg.tau)
+    l_tight, l_relu, relu = warmup_regularizers(pre, cfg.tau)
     loss = l_rob
     if lam > 0 and cfg.reg_tightness:
         loss = loss + lam * l_tight  # Eq. (10)
@@ -580,7 +577,7 @@ def batch_loss(bounds, x, y, eps, lam, cfg):
         loss = loss + lam * l_relu
     with torch.no_grad():
         stats = dict(loss=l_rob, l_tightness=l_tight, l_relu=l_relu, train_err=(logits.argmax(1) != y).float().mean(),
-                     train_ver_err=(~verified(lb, y)).float().mean(), relu=relu_states(pre))
+                     train_ver_err=(~verified(lb, y)).float().mean(), relu=relu)
     return loss, {k: v.detach() for k, v in stats.items()}
 
 

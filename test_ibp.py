@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import ibp_short_warmup as ibp
 from ibp_short_warmup import (Config, Normalize, Residual, augment, build_model, cnn7, dataset_info, eps_at,
                               fan_in, ibp_forward, ibp_init_, ibp_margins, input_box, lam_at, lr_at, main,
-                              parse_args, relu_states, resnext, resolve, robust_loss, verified,
+                              parse_args, resnext, resolve, robust_loss, verified,
                               warmup_regularizers, wide_resnet)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -437,9 +437,9 @@ def test_regularizers_zero_when_ratios_within_tolerance():
            # the first neuron, u = 0 for the second: both unstable (strict), so the relu term is skipped
            # (counted as active/inactive it would be alpha = 3 -> ReLU(0.5 - 1/3) > 0)
            (t([[3.0, -1.0]]), t([[3.0, 1.0]]))]
-    lt, lr = warmup_regularizers(pre, 0.5)
+    lt, lr, _ = warmup_regularizers(pre, 0.5)
     assert lt.item() == 0 and lr.item() == 0
-    close(relu_states(pre).to(D), [[0.5, 0.5, 0], [0, 0, 1]])
+    close(warmup_regularizers(pre, 0.5)[2].to(D), [[0.5, 0.5, 0], [0, 0, 1]])
 
 
 def test_regularizers_exact_value_by_hand():
@@ -457,12 +457,12 @@ def test_regularizers_exact_value_by_hand():
            (t([[2, 1]]), t([[0.05, 0.05]])),
            # layer 3: E(Delta_3) = 0.4: tightness ReLU(0.5 - 0.25) = 0.25; all inactive -> skipped
            (t([[-2, -1]]), t([[0.4, 0.4]]))]
-    lt, lr = warmup_regularizers(pre, tau)
+    lt, lr, _ = warmup_regularizers(pre, tau)
     m = 3
     close(lt, (0.3 + 0 + 0.25) / (tau * m))  # 0.55 / 1.5
     close(lr, 0.25 / (tau * m))  # 0.25 / 1.5
-    # relu_states: layer 1 active 2/4, inactive 1/4, unstable 1/4; layer 2 all active; layer 3 all inactive
-    close(relu_states(pre).to(D), [[0.5, 0.25, 0.25], [1, 0, 0], [0, 1, 0]])
+    # ReLU states: layer 1 active 2/4, inactive 1/4, unstable 1/4; layer 2 all active; layer 3 all inactive
+    close(warmup_regularizers(pre, 0.5)[2].to(D), [[0.5, 0.25, 0.25], [1, 0, 0], [0, 1, 0]])
 
 
 def test_regularizer_beta_term_by_hand():
@@ -471,7 +471,7 @@ def test_regularizer_beta_term_by_hand():
     # active: 4 -> p = 4; inactive: -1, -1, -2 -> q = 4: alpha = 1 -> 0
     # mean c = 0; dev 16, 1, 1, 4: active 16, inactive 6: beta = 16/6 -> min = 0.375 -> ReLU(0.5 - 0.375) = 0.125
     pre = [(t([[0.0]]), t([[0.5]])), (t([[4, -1, -1, -2]]), t([[0.5] * 4]))]
-    lt, lr = warmup_regularizers(pre, tau)
+    lt, lr, _ = warmup_regularizers(pre, tau)
     close(lt, 0.0)
     close(lr, 0.125 / (tau * 1))
 
