@@ -507,7 +507,8 @@ def warmup_regularizers(pre, tau):
     # (u < 0) and unstable neurons of every ReLU layer (Figure 2), from the boxes of ibp_forward.
     #
     # pre[0] is the input box, pre[1:] the m pre-activation boxes; statistics pool the whole batch and
-    # every neuron of a layer. Each ReLU(.) term lies in [0, tau], so both losses lie in [0, 1].
+    # every neuron of a layer. Each ReLU(.) term lies in [0, tau], so L_tightness lies in [0, 1] and
+    # L_relu, with two terms per layer, in [0, 2].
     delta0 = pre[0][1].mean()  # E(Delta_0): mean half-width of the (normalized) input box
     tight, relu, states = [], [], []
     for c, r in pre[1:]:
@@ -668,26 +669,17 @@ def atomic_save(obj, path):
 
 
 def read_log(path, last_epoch):
-    # The complete records of log.jsonl up to last_epoch (a torn last line is dropped).
-    records = []
-    if os.path.exists(path):
-        for line in open(path):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get('epoch', 0) <= last_epoch:
-                records.append(rec)
-    return records
+    # The complete records of log.jsonl up to last_epoch (a torn last line, from a kill, is dropped).
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    return [json.loads(l) for l in lines if l.endswith('}') and json.loads(l)['epoch'] <= last_epoch]
 
 
 def format_record(r):
     # The fixed-format epoch line.
-    fmt = lambda v, spec: '   n/a' if v is None else format(v, spec)
     return (f"ep {r['epoch']:3d} | eps {r['eps']:.5f} lam {r['lam']:.3f} lr {r['lr']:.1e} | loss {r['loss']:.4f} "
             f"Ltight {r['l_tightness']:.4f} Lrelu {r['l_relu']:.4f} | relu act {r['active']:.2f} inact {r['inactive']:.2f} "
             f"unst {r['unstable']:.2f} | train err {r['train_err']:.4f} ver {r['train_ver_err']:.4f} | "
-            f"test err {fmt(r['test_err'], '.4f')} ver {fmt(r['test_ver_err'], '.4f')} | "
+            f"test err {r['test_err']:.4f} ver {r['test_ver_err']:.4f} | "
             f"{r['img_per_s']:7.1f} img/s {r['seconds']:6.1f} s")
 
 
