@@ -1259,3 +1259,19 @@ def test_benchmark_cli_writes_three_variants_and_ratios(tmp_path, capsys, backen
                                            'ours/clean': ms['ours'] / ms['clean']})
     # an IBP step propagates the clean batch, the centre and the radius: strictly more work than a clean step
     assert all(v > 1 for v in res['ratios'].values()), res['ratios']
+
+
+# ----------------------------------------------------------------------------------------------
+# README: the paper-to-code table names functions that exist
+# ----------------------------------------------------------------------------------------------
+def test_readme_paper_to_code_table_names_existing_functions():
+    import re
+    readme = open(os.path.join(REPO, 'README.md')).read()
+    table = readme[readme.index('Paper to code'):readme.index('## Output')]
+    names = set(re.findall(r'`([a-z_0-9]+)`', table))
+    assert len(names) >= 10, 'the table lost its function names'
+    missing = [n for n in names if not callable(getattr(ibp, n, None))]
+    assert not missing, f'README names functions that do not exist: {missing}'
+    # and every [paper]-tagged contribution is reachable from the table
+    for n in ('ibp_init_', 'warmup_regularizers', 'ibp_forward'):
+        assert n in names
