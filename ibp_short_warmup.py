@@ -847,20 +847,21 @@ def eval_checkpoint(cfg):
 # ----------------------------------------------------------------------------------------------
 def benchmark(cfg):
     # ms per training step of (a) clean, (b) vanilla IBP and (c) ours, on synthetic data of the
-    # dataset's shape, after warm-up, with the device synchronized.
+    # dataset's shape, after warm-up, with the device synchronized. The three steps take turns, so
+    # that a drift of the machine's speed hits all of them alike: ratios are per round, then median.
     dev = setup_device(cfg)
     info = dataset_info(cfg)
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     x = to_input(torch.rand(cfg.batch_size, *info['shape'], device=dev), cfg)
     y = torch.randint(0, info['classes'], (cfg.batch_size,), device=dev)
     eps_mid = cfg.eps / 2
-    results = {}
-    for name, method in [('clean', 'vanilla'), ('vanilla_ibp', 'vanilla'), ('ours', 'ours')]:
-        c = dataclasses.replace(cfg, method=method, ibp_init=method == 'ours', reg_tightness=method == 'ours', reg_relu=method == 'ours')
+    steps = {}
+    for name, ours in [('clean', False), ('vanilla_ibp', False), ('ours', True)]:
+        c = dataclasses.replace(cfg, method='ours' if ours else 'vanilla', ibp_init=ours, reg_tightness=ours, reg_relu=ours)
         model, opt, bounds = prepare(c, dev, info)
         model.train()
 
-        def step():
+        def step(model=model, opt=opt, bounds=bounds, c=c, name=name):
             if name == 'clean':
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
@@ -868,24 +869,28 @@ def benchmark(cfg):
                 opt.step()
             else:
                 train_step(bounds, opt, x, y, eps_mid, lam_at(eps_mid, c.eps, c.lam0) if name == 'ours' else 0.0, c)
-        for _ in range(3):
-            step()
-        times = []
-        for _ in range(cfg.benchmark_steps):
+        steps[name] = step
+    times = {name: [] for name in steps}
+    for i in range(3 + cfg.benchmark_steps):  # 3 warm-up rounds
+        for name, step in steps.items():
             sync()
             t = time.perf_counter()
             step()
             sync()
-            times.append(time.perf_counter() - t)
-        ms = 1000 * sorted(times)[len(times) // 2]
-        results[name] = dict(ms_per_step=ms, min_ms=1000 * min(times), max_ms=1000 * max(times), img_per_s=cfg.batch_size / ms * 1000)
-        print(f"{name:12s} {ms:9.2f} ms/step (median of {cfg.benchmark_steps}; range {1000 * min(times):.2f}-{1000 * max(times):.2f}) "
-              f"{results[name]['img_per_s']:9.1f} img/s")
-    ratios = {'vanilla_ibp/clean': results['vanilla_ibp']['ms_per_step'] / results['clean']['ms_per_step'],
-              'ours/clean': results['ours']['ms_per_step'] / results['clean']['ms_per_step']}
-    print('ratios: ' + ', '.join(f'{k} {v:.2f}' for k, v in ratios.items()) + f' | {cfg.model} batch {cfg.batch_size} on {dev}')
-    out = dict(results=results, ratios=ratios, device=str(dev), model=cfg.model, width=cfg.width,
-               batch_size=cfg.batch_size, shape=info['shape'], torch=torch.__version__)
+            if i >= 3:
+                times[name].append(1000 * (time.perf_counter() - t))
+    median = lambda v: sorted(v)[len(v) // 2]
+    results = {k: dict(ms_per_step=median(v), min_ms=min(v), max_ms=max(v), img_per_s=cfg.batch_size / median(v) * 1000)
+               for k, v in times.items()}
+    rounds = {f'{k}/clean': [a / b for a, b in zip(times[k], times['clean'])] for k in ('vanilla_ibp', 'ours')}
+    ratios = {k: median(v) for k, v in rounds.items()}
+    for k, r in results.items():
+        print(f"{k:12s} {r['ms_per_step']:9.2f} ms/step (median of {cfg.benchmark_steps}; range {r['min_ms']:.2f}-{r['max_ms']:.2f}) "
+              f"{r['img_per_s']:9.1f} img/s")
+    print('ratios (median over rounds): ' + ', '.join(f'{k} {v:.2f} (range {min(rounds[k]):.2f}-{max(rounds[k]):.2f})'
+                                                       for k, v in ratios.items()) + f' | {cfg.model} batch {cfg.batch_size} on {dev}')
+    out = dict(results=results, ratios=ratios, round_ratios=rounds, device=str(dev), model=cfg.model, width=cfg.width,
+               batch_size=cfg.batch_size, shape=info['shape'], threads=torch.get_num_threads(), torch=torch.__version__)
     if cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
         atomic_save(out, os.path.join(cfg.out_dir, 'benchmark.json'))
