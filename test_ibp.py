@@ -671,9 +671,8 @@ def test_existing_run_is_protected(smoke, capsys):
     assert open(path, 'rb').read() == before
 
 
-def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, capsys):
-    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-    assert main(TINY + ['--out-dir', a]) == 0
+def stop_after_first_checkpoint(args, monkeypatch):
+    # Runs main(args) with a Ctrl-C arriving right after the first last.pt is written; returns its code.
     real_save = ibp.atomic_save
 
     def save_then_stop(obj, path):
@@ -682,8 +681,16 @@ def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, c
             raise KeyboardInterrupt
 
     monkeypatch.setattr(ibp, 'atomic_save', save_then_stop)
-    assert main(TINY + ['--out-dir', b]) == 130
-    monkeypatch.setattr(ibp, 'atomic_save', real_save)
+    try:
+        return main(args)
+    finally:
+        monkeypatch.setattr(ibp, 'atomic_save', real_save)
+
+
+def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    assert main(TINY + ['--out-dir', a]) == 0
+    assert stop_after_first_checkpoint(TINY + ['--out-dir', b], monkeypatch) == 130
     assert '--resume' in capsys.readouterr().err
     assert torch.load(os.path.join(b, 'last.pt'), weights_only=False)['epoch'] == 1
     assert not os.path.exists(os.path.join(b, 'metrics.json'))
@@ -888,16 +895,7 @@ def test_ddp_step_equals_single_process_step_on_the_mean_gradient(tmp_path):
 
 def test_resume_a_one_process_run_with_two_ranks(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / 'run')
-    real_save = ibp.atomic_save
-
-    def save_then_stop(obj, path):
-        real_save(obj, path)
-        if path.endswith('last.pt'):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ibp, 'atomic_save', save_then_stop)
-    assert main(TINY + ['--out-dir', out]) == 130  # one process, stopped after epoch 1
-    monkeypatch.undo()
+    assert stop_after_first_checkpoint(TINY + ['--out-dir', out], monkeypatch) == 130  # one process, after epoch 1
     capsys.readouterr()
     first = open(os.path.join(out, 'log.jsonl')).read()
     assert [json.loads(line)['epoch'] for line in first.splitlines()] == [1]
