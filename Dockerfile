@@ -4,7 +4,7 @@
 #   docker run --rm --gpus all ibp-short-warmup                       # runs pytest
 #   docker run --rm --gpus all -v $PWD/data:/data -v $PWD/runs:/work/runs ibp-short-warmup \
 #       python ibp_short_warmup.py --dataset cifar10 --data-dir /data
-# The base image already holds torch and torchvision (any torch >= 2.1 runs the file); only the
+# The base image already holds torch and torchvision (we test with torch 2.14.1); only the
 # test tools are added. BASE can point at another official tag, e.g. one with torch 2.14.1.
 ARG BASE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 FROM ${BASE}
