@@ -656,7 +656,7 @@ def evaluate(model, data, eps, batch_size=256, pgd_steps=0, pgd_restarts=1, seed
 # Checkpoints and logging: atomic writes, so a crash or Ctrl-C never leaves a broken file
 # ----------------------------------------------------------------------------------------------
 RUNTIME_FIELDS = {'resume', 'device', 'data_dir', 'out_dir', 'epochs', 'eval_checkpoint', 'compile', 'tf32',
-                  'channels_last', 'pgd_steps', 'pgd_restarts', 'smoke', 'benchmark', 'diagnose_init'}
+                  'channels_last', 'pgd_steps', 'pgd_restarts', 'smoke', 'benchmark', 'benchmark_steps', 'diagnose_init'}
 
 
 def atomic_save(obj, path):
