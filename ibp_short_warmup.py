@@ -343,7 +343,7 @@ def ibp_forward(module, x, c, r, pre=None):
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
         if module.training:  # [paper] Sec. 3.3.2: statistics of the clean batch, not detached
-            mean = x.mean(dims)  # (two plain reductions are several times faster than var_mean on a CPU)
+            mean = x.mean(dims)  # biased variance, as nn.BatchNorm normalizes with
             var = (x - mean.view(shape)).square().mean(dims)
             with torch.no_grad():  # exactly what nn.BatchNorm does to its running statistics
                 n = x.numel() / x.shape[1]
