@@ -571,7 +571,9 @@ def batch_loss(bounds, x, y, eps, lam, cfg):
     # regularizers see a non-empty box. eps > 0: the loss is purely robust, Eq. (9).
     logits, lb, pre = bounds(x, y, max(eps, EPS_FLOOR))  # bounds: a Margins module
     l_rob = F.cross_entropy(logits, y) if eps == 0 else robust_loss(lb)
-    l_tight, l_relu, relu = warmup_regularizers(pre, cfg.tau)
+    optimized = lam > 0 and (cfg.reg_tightness or cfg.reg_relu)
+    with torch.set_grad_enabled(optimized and torch.is_grad_enabled()):  # else only logged: no graph
+        l_tight, l_relu, relu = warmup_regularizers(pre, cfg.tau)
     loss = l_rob
     if lam > 0 and cfg.reg_tightness:
         loss = loss + lam * l_tight  # Eq. (10)
@@ -640,14 +642,15 @@ def evaluate(model, data, eps, batch_size=256, pgd_steps=0, pgd_restarts=1, seed
             with torch.no_grad():
                 logits, lb = ibp_margins(model, x, y, eps)
             ver = verified(lb, y)
-            attacked = logits.argmax(1) != y
+            wrong = logits.argmax(1) != y
+            attacked = wrong.clone()
             if pgd_steps and eps > 0:
                 with torch.enable_grad():
                     margin = pgd_margin(model, x, y, eps, pgd_steps, pgd_restarts, gen)
                 if (ver & (margin < -ATTACK_TOL)).any():
                     raise RuntimeError('PGD broke a sample counted as verified: the bounds are unsound')
                 attacked |= margin <= 0
-            sums += torch.stack([(logits.argmax(1) != y).sum(), attacked.sum(), (~ver).sum()]).float()
+            sums += torch.stack([wrong.sum(), attacked.sum(), (~ver).sum()]).float()
     std, pgd, ver = (sums / len(y_all)).tolist()
     return dict(std_err=std, pgd_err=pgd if pgd_steps and eps > 0 else None, ver_err=ver)
 
