@@ -31,6 +31,7 @@ atomically after every epoch; `--resume` continues from it), metrics.json (final
 """
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -321,6 +322,59 @@ class Residual(nn.Module):
         return self.branch(x) + self.shortcut(x)
 
 
+def bn_affine(bn, h):
+    # BatchNorm as the per-channel affine map t -> w t + b; in training from the statistics of the
+    # clean batch h, not detached, and the running statistics updated as nn.BatchNorm does.  [SPEC 2]
+    if bn.training:  # [paper] Sec. 3.3.2
+        dims = [0] + list(range(2, h.dim()))
+        mean = h.mean(dims)  # biased variance, as nn.BatchNorm normalizes with
+        var = (h - mean.view([1, -1] + [1] * (h.dim() - 2))).square().mean(dims)
+        with torch.no_grad():
+            n = h.numel() / h.shape[1]
+            bn.running_mean.lerp_(mean, bn.momentum)
+            bn.running_var.lerp_(var * n / max(n - 1, 1), bn.momentum)
+            bn.num_batches_tracked += 1
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    w = bn.weight * torch.rsqrt(var + bn.eps)
+    return w, bn.bias - mean * w
+
+
+def conv_bn_forward(conv, bn, x, c, r):
+    # Conv -> BN in one step: BN's affine map folded into the conv, W' = w W, b' = w b_conv + b, so the
+    # box needs no elementwise BN pass (its activations are far larger than its weights). The
+    # clean batch runs first: its statistics define w and b.
+    h = conv(x)
+    w, b = bn_affine(bn, h)
+    x = torch.addcmul(b.view(1, -1, 1, 1), h, w.view(1, -1, 1, 1))  # b + w h in one pass
+    wf = conv.weight * w.view(-1, 1, 1, 1)
+    bf = b if conv.bias is None else torch.addcmul(b, w, conv.bias)
+    f = lambda t, weight, bias: F.conv2d(t, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return x, f(c, wf, bf), f(r, wf.abs(), None)  # Eq. (3): c' = W' c + b', r' = |W'| r
+
+
+class IntervalReLU(torch.autograd.Function):
+    # The box through ReLU: lo = relu(c - r), up = relu(c + r), c' = (up + lo)/2, r' = (up - lo)/2.
+    # Autograd of those five lines keeps five full-size tensors and takes twice the elementwise
+    # passes in backward; by hand it keeps up and lo, which are also the masks of relu'.
+    @staticmethod
+    def forward(ctx, c, r):
+        up, lo = torch.add(c, r).relu_(), torch.sub(c, r).relu_()
+        c_out = torch.lerp(up, lo, 0.5)
+        ctx.save_for_backward(up, lo)
+        return c_out, up - c_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_c, g_r):
+        up, lo = ctx.saved_tensors
+        g_up = torch.lerp(g_c, g_r, 0.5)  # c' and r' both take up/2
+        g_lo = g_c - g_up  # c' takes lo/2, r' takes -lo/2
+        g_u = torch.ops.aten.threshold_backward(g_up, up, 0)  # relu'(u) = [u > 0] = [up > 0]: ReLU's own kernel
+        g_l = torch.ops.aten.threshold_backward(g_lo, lo, 0)
+        return g_u + g_l, g_u - g_l  # u = c + r, l = c - r
+
+
 def ibp_forward(module, x, c, r, pre=None):
     # Propagate the clean batch x and the box [c - r, c + r] through `module`.   [Eq. (3)]
     #
@@ -328,40 +382,35 @@ def ibp_forward(module, x, c, r, pre=None):
     # after the input normalization and the box at the input of every ReLU are appended to it: the
     # layers i = 0..m of the regularizers.
     if isinstance(module, nn.Sequential):
-        for m in module:
-            x, c, r = ibp_forward(m, x, c, r, pre)
+        layers = list(module)
+        for i, m in enumerate(layers):
+            if isinstance(m, nn.BatchNorm2d) and i > 0 and isinstance(layers[i - 1], nn.Conv2d):
+                continue  # folded into the conv before it
+            if isinstance(m, nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d):
+                x, c, r = conv_bn_forward(m, layers[i + 1], x, c, r)
+            else:
+                x, c, r = ibp_forward(m, x, c, r, pre)
         return x, c, r
     if isinstance(module, Residual):
         xb, cb, rb = ibp_forward(module.branch, x, c, r, pre)
         xs, cs, rs = ibp_forward(module.shortcut, x, c, r, pre)
         return xb + xs, cb + cs, rb + rs  # lowers add, uppers add
     if isinstance(module, nn.Linear):  # Eq. (3) in centre-radius form: c' = W c + b, r' = |W| r
-        return module(x), module(c), F.linear(r, module.weight.abs())
+        n = x.shape[0]  # the clean and the centre batch share W: one matmul, one weight gradient
+        xc = module(torch.cat([x, c]))
+        return xc[:n], xc[n:], F.linear(r, module.weight.abs())
     if isinstance(module, nn.Conv2d):
         conv = lambda t, w, b: F.conv2d(t, w, b, module.stride, module.padding, module.dilation, module.groups)
         return module(x), module(c), conv(r, module.weight.abs(), None)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
-        if module.training:  # [paper] Sec. 3.3.2: statistics of the clean batch, not detached
-            mean = x.mean(dims)  # biased variance, as nn.BatchNorm normalizes with
-            var = (x - mean.view(shape)).square().mean(dims)
-            with torch.no_grad():  # exactly what nn.BatchNorm does to its running statistics
-                n = x.numel() / x.shape[1]
-                module.running_mean.lerp_(mean, module.momentum)
-                module.running_var.lerp_(var * n / max(n - 1, 1), module.momentum)
-                module.num_batches_tracked += 1
-        else:
-            mean, var = module.running_mean, module.running_var
-        w = module.weight * torch.rsqrt(var + module.eps)  # BN as the affine map w t + b
-        b = module.bias - mean * w
+        w, b = bn_affine(module, x)
+        shape = [1, -1] + [1] * (x.dim() - 2)
         w, b = w.view(shape), b.view(shape)
         return torch.addcmul(b, x, w), torch.addcmul(b, c, w), r * w.abs()  # addcmul: b + t * w in one pass
     if isinstance(module, nn.ReLU):
         if pre is not None:
             pre.append((c, r))
-        lo, up = F.relu(c - r), F.relu(c + r)
-        r = (up - lo) / 2
-        return F.relu(x), lo + r, r  # centre (lo + up) / 2, one elementwise pass fewer
+        return F.relu(x), *IntervalReLU.apply(c, r)
     if isinstance(module, Normalize):
         c, r = module(c), r / module.std
         if pre is not None:
@@ -503,6 +552,38 @@ def ibp_init_(model):
 # ----------------------------------------------------------------------------------------------
 # [paper] Warmup regularizers, Sec. 3.3.3
 # ----------------------------------------------------------------------------------------------
+class ReluStats(torch.autograd.Function):
+    # The sums Eq. (7) and (8) need from one pre-activation box, pooled over the batch and the layer:
+    # [sum c A, -sum c I, sum d^2 A, sum d^2 I, n_A, n_I, mean r] with the active mask A = [l > 0],
+    # the inactive mask I = [u < 0] (strict) and d = c - mean(c). By hand because autograd would
+    # keep every product: here the masks are float tensors (bool ones are 3x slower on the CPU),
+    # the sums are dot products, and the backward is two fused passes.
+    @staticmethod
+    def forward(ctx, c, r):
+        active = torch.gt(c, r, out=torch.empty_like(c))
+        inactive = torch.add(c, r).lt_(0)
+        m = c.mean()
+        d = c - m
+        order = sorted(range(c.dim()), key=lambda i: -c.stride(i))  # memory order (channels-last too)
+        flat = lambda t: t.permute(order).reshape(-1)
+        fc, fa, fi, fd2 = flat(c), flat(active), flat(inactive), flat(d.square())
+        s = torch.stack([torch.dot(fc, fa), -torch.dot(fc, fi), torch.dot(fd2, fa), torch.dot(fd2, fi),
+                         fa.sum(), fi.sum(), r.mean()])
+        ctx.save_for_backward(active, inactive, d, s, m)
+        return s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        active, inactive, d, s, m = ctx.saved_tensors
+        n = d.numel()
+        # sum d A = sum c A - m n_A; the mean inside d gives every element -2/n (g2 sum dA + g3 sum dI)
+        shift = 2 / n * (g[2] * (s[0] - m * s[4]) + g[3] * (-s[1] - m * s[5]))
+        slope = torch.addcmul(active * (2 * g[2]), inactive, 2 * g[3])  # d/dd of the d^2 sums, per mask
+        g_c = torch.addcmul(-shift, active, g[0]).addcmul_(inactive, -g[1]).addcmul_(slope, d)
+        return g_c, (g[6] / n).expand_as(d)
+
+
 def warmup_regularizers(pre, tau):
     # L_tightness (Eq. 7), L_relu (Eq. 8) and, for the log, the fractions of active (l > 0), inactive
     # (u < 0) and unstable neurons of every ReLU layer (Figure 2), from the boxes of ibp_forward.
@@ -513,17 +594,14 @@ def warmup_regularizers(pre, tau):
     delta0 = pre[0][1].mean()  # E(Delta_0): mean half-width of the (normalized) input box
     tight, relu, states = [], [], []
     for c, r in pre[1:]:
-        tight.append(F.relu(tau - delta0 / r.mean().clamp_min(DIV_GUARD)))  # Eq. (7)
-        active, inactive = (c > r).to(c.dtype), (c + r < 0).to(c.dtype)  # l > 0, u < 0; float masks: mul beats where
+        p_alpha, q_alpha, p_beta, q_beta, n_active, n_inactive, delta = ReluStats.apply(c, r)
+        tight.append(F.relu(tau - delta0 / delta.clamp_min(DIV_GUARD)))  # Eq. (7)
         term = 0
-        for v in (c, (c - c.mean()).square()):  # alpha_i: shares of the mean of c; beta_i: of its variance
-            # p, q: the active and inactive neurons' contributions (c < 0 on inactive ones, hence abs);
+        for p, q in ((p_alpha, q_alpha), (p_beta, q_beta)):  # alpha_i: shares of the mean of c; beta_i: of its variance
             # min(alpha, 1/alpha) with alpha = p/q is written min(p, q)/max(p, q) to stay finite
-            p, q = (v * active).sum(), (v * inactive).sum().abs()
             term = term + F.relu(tau - torch.minimum(p, q) / torch.maximum(p, q).clamp_min(DIV_GUARD))  # Eq. (8)
-        n_active, n_inactive = active.sum(), inactive.sum()
         relu.append(torch.where((n_active > 0) & (n_inactive > 0), term, 0))  # only with both kinds
-        states.append(torch.stack([n_active, n_inactive]) / c.numel())
+        states.append(torch.stack([n_active, n_inactive]).detach() / c.numel())
     m = len(tight)
     states = torch.stack(states)
     return sum(tight) / (tau * m), sum(relu) / (tau * m), torch.cat([states, 1 - states.sum(1, keepdim=True)], 1)
@@ -690,6 +768,20 @@ def format_record(r):
 # ----------------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------------
+def keep_freed_memory():
+    # PyTorch gives every freed CPU tensor back to glibc, which unmaps blocks above its mmap
+    # threshold (32 MB at most) and trims the heap's top, so every training step page-faults its
+    # activations and the FC weight's gradients in again: a third of the IBP step went to the kernel.
+    # Serving all blocks from the heap and never trimming it lets each step reuse the last one's
+    # memory (the process keeps its peak). glibc only; elsewhere nothing changes.
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1  # -1: SIZE_MAX
+
+
 def setup_device(cfg):
     local = os.environ.get('LOCAL_RANK')  # set by torchrun: one GPU per process
     name = (f'cuda:{local or 0}' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
@@ -704,6 +796,8 @@ def setup_device(cfg):
     torch.backends.cudnn.benchmark = True
     if dev.type == 'cuda':
         torch.cuda.set_device(dev)
+    else:
+        keep_freed_memory()
     return dev
 
 
@@ -731,7 +825,8 @@ def prepare(cfg, dev, info, world=1):
         bounds = nn.parallel.DistributedDataParallel(bounds, device_ids=[dev] if dev.type == 'cuda' else None)
     if cfg.compile:
         bounds = torch.compile(bounds)
-    return model, torch.optim.Adam(model.parameters(), lr=cfg.lr), bounds
+    fused = dev.type in ('cpu', 'cuda')  # one kernel per parameter instead of about ten passes
+    return model, torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused), bounds
 
 
 def load_checkpoint(cfg, model, opt, dev):
