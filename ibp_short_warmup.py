@@ -322,31 +322,54 @@ class Residual(nn.Module):
         return self.branch(x) + self.shortcut(x)
 
 
-def bn_affine(bn, h):
-    # BatchNorm as the per-channel affine map t -> w t + b; in training from the statistics of the
-    # clean batch h, not detached, and the running statistics updated as nn.BatchNorm does.  [SPEC 2]
-    if bn.training:  # [paper] Sec. 3.3.2
-        dims = [0] + list(range(2, h.dim()))
-        mean = h.mean(dims)  # biased variance, as nn.BatchNorm normalizes with
-        var = (h - mean.view([1, -1] + [1] * (h.dim() - 2))).square().mean(dims)
-        with torch.no_grad():
-            n = h.numel() / h.shape[1]
-            bn.running_mean.lerp_(mean, bn.momentum)
-            bn.running_var.lerp_(var * n / max(n - 1, 1), bn.momentum)
-            bn.num_batches_tracked += 1
-    else:
-        mean, var = bn.running_mean, bn.running_var
-    w = bn.weight * torch.rsqrt(var + bn.eps)
-    return w, bn.bias - mean * w
+class TrainBatchNorm(torch.autograd.Function):
+    # BN of the clean batch h in training mode, and the per-channel affine map t -> w t + b it applied
+    # (w = gamma / sqrt(var + eps), b = beta - mean w), for the box to use. PyTorch's batch-norm
+    # kernels do the clean part (and update the running statistics); the gradient that reaches the
+    # statistics through (w, b) adds a per-channel affine term in h, one pass. Autograd of the
+    # formula would take about five passes more.
+    @staticmethod
+    def forward(ctx, h, gamma, beta, running_mean, running_var, momentum, eps):
+        out, mean, invstd = torch.native_batch_norm(h, gamma, beta, running_mean, running_var, True, momentum, eps)
+        w = gamma * invstd
+        ctx.save_for_backward(h, gamma, mean, invstd)
+        ctx.eps = eps
+        return out, w, beta - mean * w
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out, g_w, g_b):
+        h, gamma, mean, invstd = ctx.saved_tensors
+        g_h, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
+            g_out, h, gamma, None, None, mean, invstd, True, ctx.eps, [True, True, True])
+        g_scale = g_w - mean * g_b  # dL/dw through w and through b = beta - mean w
+        n = h.numel() / h.shape[1]
+        k1 = -g_scale * gamma * invstd ** 3 / n  # 2/n dL/dvar, from w = gamma (var + eps)^(-1/2)
+        k0 = -gamma * invstd * g_b / n - k1 * mean  # 1/n dL/dmean, from b; and the mean inside var
+        shape = [1, -1] + [1] * (h.dim() - 2)
+        g_h.addcmul_(h, k1.view(shape)).add_(k0.view(shape))
+        return g_h, g_gamma + g_scale * invstd, g_beta + g_b, None, None, None, None
+
+
+def batch_norm(bn, h):
+    # BN(h) of the clean batch and the per-channel affine map (w, b) it applied. In training from the
+    # statistics of the clean batch, not detached, the running statistics updated as nn.BatchNorm
+    # does; in eval from the running statistics.   [SPEC 2, [paper] Sec. 3.3.2]
+    if bn.training:
+        bn.num_batches_tracked += 1
+        momentum = bn.momentum if bn.momentum is not None else 1 / bn.num_batches_tracked.item()
+        return TrainBatchNorm.apply(h, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
+    w = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    b = bn.bias - bn.running_mean * w
+    shape = [1, -1] + [1] * (h.dim() - 2)
+    return torch.addcmul(b.view(shape), h, w.view(shape)), w, b
 
 
 def conv_bn_forward(conv, bn, x, c, r):
     # Conv -> BN in one step: BN's affine map folded into the conv, W' = w W, b' = w b_conv + b, so the
     # box needs no elementwise BN pass (its activations are far larger than its weights). The
     # clean batch runs first: its statistics define w and b.
-    h = conv(x)
-    w, b = bn_affine(bn, h)
-    x = torch.addcmul(b.view(1, -1, 1, 1), h, w.view(1, -1, 1, 1))  # b + w h in one pass
+    x, w, b = batch_norm(bn, conv(x))
     wf = conv.weight * w.view(-1, 1, 1, 1)
     bf = b if conv.bias is None else torch.addcmul(b, w, conv.bias)
     f = lambda t, weight, bias: F.conv2d(t, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -403,10 +426,10 @@ def ibp_forward(module, x, c, r, pre=None):
         conv = lambda t, w, b: F.conv2d(t, w, b, module.stride, module.padding, module.dilation, module.groups)
         return module(x), module(c), conv(r, module.weight.abs(), None)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        w, b = bn_affine(module, x)
+        x, w, b = batch_norm(module, x)
         shape = [1, -1] + [1] * (x.dim() - 2)
         w, b = w.view(shape), b.view(shape)
-        return torch.addcmul(b, x, w), torch.addcmul(b, c, w), r * w.abs()  # addcmul: b + t * w in one pass
+        return x, torch.addcmul(b, c, w), r * w.abs()  # addcmul: b + t * w in one pass
     if isinstance(module, nn.ReLU):
         if pre is not None:
             pre.append((c, r))
@@ -592,19 +615,17 @@ def warmup_regularizers(pre, tau):
     # every neuron of a layer. Each ReLU(.) term lies in [0, tau], so L_tightness lies in [0, 1] and
     # L_relu, with two terms per layer, in [0, 2].
     delta0 = pre[0][1].mean()  # E(Delta_0): mean half-width of the (normalized) input box
-    tight, relu, states = [], [], []
-    for c, r in pre[1:]:
-        p_alpha, q_alpha, p_beta, q_beta, n_active, n_inactive, delta = ReluStats.apply(c, r)
-        tight.append(F.relu(tau - delta0 / delta.clamp_min(DIV_GUARD)))  # Eq. (7)
-        term = 0
-        for p, q in ((p_alpha, q_alpha), (p_beta, q_beta)):  # alpha_i: shares of the mean of c; beta_i: of its variance
-            # min(alpha, 1/alpha) with alpha = p/q is written min(p, q)/max(p, q) to stay finite
-            term = term + F.relu(tau - torch.minimum(p, q) / torch.maximum(p, q).clamp_min(DIV_GUARD))  # Eq. (8)
-        relu.append(torch.where((n_active > 0) & (n_inactive > 0), term, 0))  # only with both kinds
-        states.append(torch.stack([n_active, n_inactive]).detach() / c.numel())
-    m = len(tight)
-    states = torch.stack(states)
-    return sum(tight) / (tau * m), sum(relu) / (tau * m), torch.cat([states, 1 - states.sum(1, keepdim=True)], 1)
+    s = torch.stack([ReluStats.apply(c, r) for c, r in pre[1:]])  # one row of sums per layer i = 1..m
+    m = len(s)
+    l_tight = F.relu(tau - delta0 / s[:, 6].clamp_min(DIV_GUARD)).sum() / (tau * m)  # Eq. (7)
+    # alpha_i = p/q on the means of c, beta_i on its variances; min(alpha, 1/alpha) is written
+    # min(p, q)/max(p, q) to stay finite
+    p, q = s[:, [0, 2]], s[:, [1, 3]]
+    terms = F.relu(tau - torch.minimum(p, q) / torch.maximum(p, q).clamp_min(DIV_GUARD)).sum(1)
+    both = (s[:, 4] > 0) & (s[:, 5] > 0)  # a layer counts only with both active and inactive neurons
+    l_relu = torch.where(both, terms, 0).sum() / (tau * m)  # Eq. (8)
+    states = s[:, 4:6].detach() / s.new_tensor([c.numel() for c, _ in pre[1:]])[:, None]
+    return l_tight, l_relu, torch.cat([states, 1 - states.sum(1, keepdim=True)], 1)
 
 
 # ----------------------------------------------------------------------------------------------
