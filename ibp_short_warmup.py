@@ -326,8 +326,8 @@ class TrainBatchNorm(torch.autograd.Function):
     # BN of the clean batch h in training mode, and the per-channel affine map t -> w t + b it applied
     # (w = gamma / sqrt(var + eps), b = beta - mean w), for the box to use. PyTorch's batch-norm
     # kernels do the clean part (and update the running statistics); the gradient that reaches the
-    # statistics through (w, b) adds a per-channel affine term in h, one pass. Autograd of the
-    # formula would take about five passes more.
+    # statistics through (w, b) adds a per-channel affine term in h, one pass. (Forward + backward on
+    # a 64x64x32x32 batch, 2-core CPU: 6.8 ms; autograd of the formula: 21 ms.)
     @staticmethod
     def forward(ctx, h, gamma, beta, running_mean, running_var, momentum, eps):
         out, mean, invstd = torch.native_batch_norm(h, gamma, beta, running_mean, running_var, True, momentum, eps)
@@ -378,8 +378,8 @@ def conv_bn_forward(conv, bn, x, c, r):
 
 class IntervalReLU(torch.autograd.Function):
     # The box through ReLU: lo = relu(c - r), up = relu(c + r), c' = (up + lo)/2, r' = (up - lo)/2.
-    # Autograd of those five lines keeps five full-size tensors and takes twice the elementwise
-    # passes in backward; by hand it keeps up and lo, which are also the masks of relu'.
+    # By hand it keeps only up and lo, whose signs are the masks of relu', and takes fewer passes
+    # (forward + backward on a 64x64x32x32 box, 2-core CPU: 19 ms; autograd of the formula: 25 ms).
     @staticmethod
     def forward(ctx, c, r):
         up, lo = torch.add(c, r).relu_(), torch.sub(c, r).relu_()
@@ -578,9 +578,9 @@ def ibp_init_(model):
 class ReluStats(torch.autograd.Function):
     # The sums Eq. (7) and (8) need from one pre-activation box, pooled over the batch and the layer:
     # [sum c A, -sum c I, sum d^2 A, sum d^2 I, n_A, n_I, mean r] with the active mask A = [l > 0],
-    # the inactive mask I = [u < 0] (strict) and d = c - mean(c). By hand because autograd would
-    # keep every product: here the masks are float tensors (bool ones are 3x slower on the CPU),
-    # the sums are dot products, and the backward is two fused passes.
+    # the inactive mask I = [u < 0] (strict) and d = c - mean(c). By hand, the masks are float
+    # tensors (bool ones are 2-3x slower on the CPU), the sums dot products, and the backward is a
+    # few fused multiply-adds (64x64x32x32 box, 2-core CPU: 18 ms; autograd of masked sums: 38 ms).
     @staticmethod
     def forward(ctx, c, r):
         active = torch.gt(c, r, out=torch.empty_like(c))

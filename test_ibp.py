@@ -232,6 +232,126 @@ def test_unknown_layer_raises():
 
 
 # ----------------------------------------------------------------------------------------------
+# Hand-written backward passes (GitHub issue 5) against finite differences and autograd of the formulas
+# ----------------------------------------------------------------------------------------------
+def box_away_from_kinks(shape, seed, layout=torch.contiguous_format):
+    """Random centres and radii with |c +- r| >= 0.05: finite differences then never cross a ReLU kink."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(shape, generator=g, dtype=D)
+    r = torch.rand(shape, generator=g, dtype=D)
+    for _ in range(20):
+        near = ((c - r).abs() < 0.05) | ((c + r).abs() < 0.05)
+        c = torch.where(near, c + 0.2, c)
+    assert not near.any()
+    return c.contiguous(memory_format=layout).requires_grad_(), r.contiguous(memory_format=layout).requires_grad_()
+
+
+def interval_relu_formula(c, r):
+    lo, up = F.relu(c - r), F.relu(c + r)
+    return (up + lo) / 2, (up - lo) / 2
+
+
+def relu_stats_formula(c, r):
+    active, inactive = (c - r > 0).to(c.dtype), (c + r < 0).to(c.dtype)
+    d2 = (c - c.mean()).square()
+    return torch.stack([(c * active).sum(), -(c * inactive).sum(), (d2 * active).sum(), (d2 * inactive).sum(),
+                        active.sum(), inactive.sum(), r.mean()])
+
+
+@pytest.mark.parametrize('shape', [(5, 7), (3, 4, 5, 5)])
+def test_interval_relu_and_relu_stats_pass_gradcheck(shape):
+    c, r = box_away_from_kinks(shape, seed=len(shape))
+    assert torch.autograd.gradcheck(ibp.IntervalReLU.apply, (c, r))
+    assert torch.autograd.gradcheck(ibp.ReluStats.apply, (c, r))
+
+
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_interval_relu_and_relu_stats_match_autograd_of_the_formulas(layout):
+    """Values and gradients equal those of the plain formulas, also on channels-last tensors."""
+    c, r = box_away_from_kinks((4, 3, 6, 6), seed=7, layout=layout)
+    g = torch.Generator().manual_seed(8)
+    g_c, g_r, g_s = (torch.randn(c.shape, generator=g, dtype=D), torch.randn(c.shape, generator=g, dtype=D),
+                     torch.randn(7, generator=g, dtype=D))
+    results = []
+    for relu, stats in [(ibp.IntervalReLU.apply, ibp.ReluStats.apply), (interval_relu_formula, relu_stats_formula)]:
+        c.grad = r.grad = None
+        c_out, r_out = relu(c, r)
+        s = stats(c, r)
+        torch.autograd.backward([c_out, r_out, s], [g_c, g_r, g_s])
+        results.append((c_out, r_out, s, c.grad, r.grad))
+    for mine, oracle in zip(*results):
+        close(mine, oracle)
+
+
+@pytest.mark.parametrize('shape', [(6, 3), (4, 3, 5, 5)])
+def test_train_batch_norm_matches_autograd_of_the_formula_and_nn_batchnorm(shape):
+    """TrainBatchNorm returns BN(h) and its map (w, b) with the gradients of the plain formula
+    w = gamma / sqrt(var + eps), b = beta - mean w, BN(h) = w h + b; its running statistics move as
+    nn.BatchNorm's do."""
+    g = torch.Generator().manual_seed(3)
+    h = (torch.randn(shape, generator=g, dtype=D) * 2 + 1).requires_grad_()
+    gamma = (torch.rand(shape[1], generator=g, dtype=D) * 4 - 2).requires_grad_()
+    beta = torch.randn(shape[1], generator=g, dtype=D).requires_grad_()
+    bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).to(D).train()
+    ref = copy.deepcopy(bn)
+    grads_out = [torch.randn(shape, generator=g, dtype=D), torch.randn(shape[1], generator=g, dtype=D),
+                 torch.randn(shape[1], generator=g, dtype=D)]
+    dims, view = [0] + list(range(2, len(shape))), [1, -1] + [1] * (len(shape) - 2)
+
+    def formula(h, gamma, beta):
+        mean = h.mean(dims)
+        w = gamma / torch.sqrt(h.var(dims, unbiased=False) + bn.eps)
+        b = beta - mean * w
+        return w.view(view) * h + b.view(view), w, b
+
+    results = []
+    for f in [lambda *a: ibp.TrainBatchNorm.apply(*a, bn.running_mean, bn.running_var, bn.momentum, bn.eps), formula]:
+        for p in (h, gamma, beta):
+            p.grad = None
+        outs = f(h, gamma, beta)
+        torch.autograd.backward(outs, grads_out)
+        results.append((*outs, h.grad, gamma.grad, beta.grad))
+    for mine, oracle in zip(*results):
+        close(mine, oracle)
+    ref(h.detach())
+    close(bn.running_mean, ref.running_mean)
+    close(bn.running_var, ref.running_var)
+    assert torch.autograd.gradcheck(lambda *a: ibp.TrainBatchNorm.apply(*a, None, None, 0.1, 1e-5), (h, gamma, beta))
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_conv_bn_fold_equals_conv_then_bn(train):
+    """Conv -> BN folded for the box gives what the conv rule followed by the BN rule gives, gradients
+    included, and moves the running statistics once."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1, groups=1), nn.BatchNorm2d(4)).to(D).train(train)
+    with torch.no_grad():
+        net[1].weight.uniform_(-2, 2)
+        net[1].running_var.uniform_(0.5, 2)
+    ref = copy.deepcopy(net)
+    x = torch.rand(5, 3, 8, 8, dtype=D)
+    c, r = input_box(x, 0.05)
+    outs = []
+    for m, run in [(net, lambda: ibp_forward(net, x, c, r)),
+                   (ref, lambda: ibp_forward(ref[1], *ibp_forward(ref[0], x, c, r)))]:
+        xo, co, ro = run()
+        (xo.square().sum() + co.sum() + (ro * co).sum()).backward()
+        outs.append((xo, co, ro, *[p.grad for p in m.parameters()], m[1].running_mean, m[1].running_var))
+    for mine, oracle in zip(*outs):
+        close(mine, oracle)
+    assert net[1].num_batches_tracked.item() == int(train)
+
+
+def test_prepare_uses_fused_adam_and_keeps_freed_memory_on_the_cpu():
+    cfg = resolve(Config(dataset='synthetic', width=0.0625, synthetic_shape=(3, 8, 8), device='cpu'))
+    dev = ibp.setup_device(cfg)
+    opt = ibp.prepare(cfg, dev, dataset_info(cfg))[1]
+    assert opt.defaults['fused'] is True
+    if sys.platform.startswith('linux'):  # glibc's mallopt accepts both settings (and again)
+        assert ibp.keep_freed_memory() is True
+
+
+# ----------------------------------------------------------------------------------------------
 # Convolution against its unrolled dense matrix
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('kw', [dict(kernel_size=3, stride=2, padding=1, groups=2),
