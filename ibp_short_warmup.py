@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -113,15 +114,13 @@ DATASETS = {
                     mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010)),
     'mnist': dict(eps=0.4, epochs=70, schedules={70: (1, 20, (50, 60))}, batch_size=256, accum_steps=1,
                   lam0=0.5, pad=0, classes=10, shape=(1, 28, 28), mean=(0.0,), std=(1.0,)),
-    # Not in the paper: MNIST's schedule with the eps 0.1 customary for Fashion-MNIST.
-    'fashionmnist': dict(eps=0.1, epochs=70, schedules={70: (1, 20, (50, 60))}, batch_size=256, accum_steps=1,
-                         lam0=0.5, pad=0, classes=10, shape=(1, 28, 28), mean=(0.0,), std=(1.0,)),
     'tinyimagenet': dict(eps=1 / 255, epochs=80, schedules={80: (2, 20, (61, 71))}, batch_size=128, accum_steps=2,
                          lam0=0.2, pad=4, classes=200, shape=(3, 64, 64),
                          mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262)),
     'synthetic': dict(eps=8 / 255, epochs=10, schedules={10: (2, 4, (8, 9))}, batch_size=64, accum_steps=1,
                       lam0=0.5, pad=0, classes=None, shape=None, mean=None, std=None),
 }
+DATASETS['fashionmnist'] = dict(DATASETS['mnist'], eps=0.1)  # not in the paper: MNIST's schedule, the customary eps 0.1
 SMOKE = dict(dataset='synthetic', model='cnn7', width=0.125, epochs=6, eps_start=2, eps_length=3, lr_milestones=(5,),
              batch_size=64, train_size=1024, test_size=256, lr=2e-3, eps=4 / 255, synthetic_shape=(3, 32, 32), pgd_steps=10)
 
@@ -138,16 +137,13 @@ def resolve(cfg):
     # Fill every None default from the dataset table and the method, then validate: one place.
     info = dataset_info(cfg)
     for k in ('eps', 'epochs', 'batch_size', 'accum_steps', 'lam0'):
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, info[k])
+        setattr(cfg, k, info[k] if getattr(cfg, k) is None else getattr(cfg, k))
     start, length, milestones = info['schedules'].get(cfg.epochs, info['schedules'][info['epochs']])
     cfg.eps_start = start if cfg.eps_start is None else cfg.eps_start
     cfg.eps_length = length if cfg.eps_length is None else cfg.eps_length
     cfg.lr_milestones = tuple(milestones if cfg.lr_milestones is None else cfg.lr_milestones)
-    ours = cfg.method == 'ours'
-    for k in ('ibp_init', 'reg_tightness', 'reg_relu'):
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, ours)
+    for k in ('ibp_init', 'reg_tightness', 'reg_relu'):  # [paper] contributions: on for ours
+        setattr(cfg, k, cfg.method == 'ours' if getattr(cfg, k) is None else getattr(cfg, k))
     if cfg.dataset == 'synthetic':
         cfg.train_size, cfg.test_size = cfg.train_size or 4096, cfg.test_size or 1024
     if cfg.out_dir is None:
@@ -187,11 +183,8 @@ def parse_args(argv=None):
     p = _Parser(description='Fast certified robust training with short warmup (Shi et al., NeurIPS 2021).',
                 argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        t = [a for a in typing.get_args(f.type) if a is not type(None)] if typing.get_origin(f.type) is typing.Union else [f.type]
-        t = t[0]
-        kw = dict(help=f.metadata['help'] + ('' if f.default is None else f' (default: {f.default})'))
-        if 'choices' in f.metadata:
-            kw['choices'] = f.metadata['choices']
+        t = [a for a in typing.get_args(f.type) if a is not type(None)][0] if typing.get_origin(f.type) is typing.Union else f.type
+        kw = dict(help=f.metadata['help'] + ('' if f.default is None else f' (default: {f.default})'), choices=f.metadata.get('choices'))
         if t is bool:
             kw['action'] = argparse.BooleanOptionalAction
         elif typing.get_origin(t) is tuple:
@@ -323,18 +316,16 @@ class Residual(nn.Module):
 
 
 class TrainBatchNorm(torch.autograd.Function):
-    # BN of the clean batch h in training mode, and the per-channel affine map t -> w t + b it applied
-    # (w = gamma / sqrt(var + eps), b = beta - mean w), for the box to use. PyTorch's batch-norm
-    # kernels do the clean part (and update the running statistics); the gradient that reaches the
-    # statistics through (w, b) adds a per-channel affine term in h, one pass. (Forward + backward on
-    # a 64x64x32x32 batch, 2-core CPU: 6.8 ms; autograd of the formula: 21 ms.)
+    # BN of the clean batch h in training mode and the affine map t -> w t + b it applied (w = gamma /
+    # sqrt(var + eps), b = beta - mean w), for the box. PyTorch's kernels do BN(h) and the running
+    # statistics; the gradient reaching the statistics through (w, b) adds one per-channel affine
+    # pass in h. (Forward + backward, 64x64x32x32 batch, 2-core CPU: 6.8 ms; autograd of the formula: 21.)
     @staticmethod
     def forward(ctx, h, gamma, beta, running_mean, running_var, momentum, eps):
         out, mean, invstd = torch.native_batch_norm(h, gamma, beta, running_mean, running_var, True, momentum, eps)
-        w = gamma * invstd
         ctx.save_for_backward(h, gamma, mean, invstd)
         ctx.eps = eps
-        return out, w, beta - mean * w
+        return out, gamma * invstd, beta - mean * gamma * invstd
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -342,60 +333,40 @@ class TrainBatchNorm(torch.autograd.Function):
         h, gamma, mean, invstd = ctx.saved_tensors
         g_h, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
             g_out, h, gamma, None, None, mean, invstd, True, ctx.eps, [True, True, True])
-        g_scale = g_w - mean * g_b  # dL/dw through w and through b = beta - mean w
-        n = h.numel() / h.shape[1]
+        g_scale, n = g_w - mean * g_b, h.numel() / h.shape[1]  # dL/dw through w and through b = beta - mean w
         k1 = -g_scale * gamma * invstd ** 3 / n  # 2/n dL/dvar, from w = gamma (var + eps)^(-1/2)
         k0 = -gamma * invstd * g_b / n - k1 * mean  # 1/n dL/dmean, from b; and the mean inside var
-        shape = [1, -1] + [1] * (h.dim() - 2)
-        g_h.addcmul_(h, k1.view(shape)).add_(k0.view(shape))
+        g_h.addcmul_(h, k1.view(channel_shape(h))).add_(k0.view(channel_shape(h)))
         return g_h, g_gamma + g_scale * invstd, g_beta + g_b, None, None, None, None
 
 
+def channel_shape(t):  # the view of a per-channel vector that broadcasts against t
+    return [1, -1] + [1] * (t.dim() - 2)
+
+
 def batch_norm(bn, h):
-    # BN(h) of the clean batch and the per-channel affine map (w, b) it applied. In training from the
-    # statistics of the clean batch, not detached, the running statistics updated as nn.BatchNorm
-    # does; in eval from the running statistics.   [SPEC 2, [paper] Sec. 3.3.2]
+    # BN(h) of the clean batch and the per-channel affine map (w, b) it applied: in training from the
+    # clean batch's statistics, not detached, running statistics updated as nn.BatchNorm does; in
+    # eval from the running statistics.   [SPEC 2, [paper] Sec. 3.3.2]
     if bn.training:
         bn.num_batches_tracked += 1
         momentum = bn.momentum if bn.momentum is not None else 1 / bn.num_batches_tracked.item()
         return TrainBatchNorm.apply(h, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
     w = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     b = bn.bias - bn.running_mean * w
-    shape = [1, -1] + [1] * (h.dim() - 2)
-    return torch.addcmul(b.view(shape), h, w.view(shape)), w, b
+    return torch.addcmul(b.view(channel_shape(h)), h, w.view(channel_shape(h))), w, b
 
 
-def conv_bn_forward(conv, bn, x, c, r):
-    # Conv -> BN in one step: BN's affine map folded into the conv, W' = w W, b' = w b_conv + b, so the
-    # box needs no elementwise BN pass (its activations are far larger than its weights). The
-    # clean batch runs first: its statistics define w and b.
-    x, w, b = batch_norm(bn, conv(x))
-    wf = conv.weight * w.view(-1, 1, 1, 1)
-    bf = b if conv.bias is None else torch.addcmul(b, w, conv.bias)
+def conv_forward(conv, bn, x, c, r):
+    # Conv, and the BN after it if any. BN's affine map is folded into the conv for the box, W' = w W,
+    # b' = w b_conv + b: no elementwise BN pass over the box, whose activations are far larger than
+    # the weights. The clean batch runs first: its statistics define w and b.
+    x, weight, bias = conv(x), conv.weight, conv.bias
+    if bn is not None:
+        x, w, b = batch_norm(bn, x)
+        weight, bias = weight * w.view(-1, 1, 1, 1), b if bias is None else torch.addcmul(b, w, bias)
     f = lambda t, weight, bias: F.conv2d(t, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return x, f(c, wf, bf), f(r, wf.abs(), None)  # Eq. (3): c' = W' c + b', r' = |W'| r
-
-
-class IntervalReLU(torch.autograd.Function):
-    # The box through ReLU: lo = relu(c - r), up = relu(c + r), c' = (up + lo)/2, r' = (up - lo)/2.
-    # By hand it keeps only up and lo, whose signs are the masks of relu', and takes fewer passes
-    # (forward + backward on a 64x64x32x32 box, 2-core CPU: 19 ms; autograd of the formula: 25 ms).
-    @staticmethod
-    def forward(ctx, c, r):
-        up, lo = torch.add(c, r).relu_(), torch.sub(c, r).relu_()
-        c_out = torch.lerp(up, lo, 0.5)
-        ctx.save_for_backward(up, lo)
-        return c_out, up - c_out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_c, g_r):
-        up, lo = ctx.saved_tensors
-        g_up = torch.lerp(g_c, g_r, 0.5)  # c' and r' both take up/2
-        g_lo = g_c - g_up  # c' takes lo/2, r' takes -lo/2
-        g_u = torch.ops.aten.threshold_backward(g_up, up, 0)  # relu'(u) = [u > 0] = [up > 0]: ReLU's own kernel
-        g_l = torch.ops.aten.threshold_backward(g_lo, lo, 0)
-        return g_u + g_l, g_u - g_l  # u = c + r, l = c - r
+    return x, f(c, weight, bias), f(r, weight.abs(), None)  # Eq. (3): c' = W' c + b', r' = |W'| r
 
 
 def ibp_forward(module, x, c, r, pre=None):
@@ -405,13 +376,12 @@ def ibp_forward(module, x, c, r, pre=None):
     # after the input normalization and the box at the input of every ReLU are appended to it: the
     # layers i = 0..m of the regularizers.
     if isinstance(module, nn.Sequential):
-        layers = list(module)
-        for i, m in enumerate(layers):
-            if isinstance(m, nn.BatchNorm2d) and i > 0 and isinstance(layers[i - 1], nn.Conv2d):
-                continue  # folded into the conv before it
-            if isinstance(m, nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d):
-                x, c, r = conv_bn_forward(m, layers[i + 1], x, c, r)
-            else:
+        layers, folded = list(module), None
+        for m, after in zip(layers, layers[1:] + [None]):
+            if isinstance(m, nn.Conv2d):  # with the BN after it, if any
+                folded = after if isinstance(after, nn.BatchNorm2d) else None
+                x, c, r = conv_forward(m, folded, x, c, r)
+            elif m is not folded:
                 x, c, r = ibp_forward(m, x, c, r, pre)
         return x, c, r
     if isinstance(module, Residual):
@@ -423,17 +393,17 @@ def ibp_forward(module, x, c, r, pre=None):
         xc = module(torch.cat([x, c]))
         return xc[:n], xc[n:], F.linear(r, module.weight.abs())
     if isinstance(module, nn.Conv2d):
-        conv = lambda t, w, b: F.conv2d(t, w, b, module.stride, module.padding, module.dilation, module.groups)
-        return module(x), module(c), conv(r, module.weight.abs(), None)
+        return conv_forward(module, None, x, c, r)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         x, w, b = batch_norm(module, x)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        w, b = w.view(shape), b.view(shape)
+        w, b = w.view(channel_shape(x)), b.view(channel_shape(x))
         return x, torch.addcmul(b, c, w), r * w.abs()  # addcmul: b + t * w in one pass
     if isinstance(module, nn.ReLU):
         if pre is not None:
             pre.append((c, r))
-        return F.relu(x), *IntervalReLU.apply(c, r)
+        up, lo = torch.add(c, r).relu_(), torch.sub(c, r).relu_()  # in place: ReLU's backward needs only its output
+        c = torch.lerp(up, lo, 0.5)  # (up + lo) / 2 in one pass
+        return F.relu(x), c, up - c
     if isinstance(module, Normalize):
         c, r = module(c), r / module.std
         if pre is not None:
@@ -673,11 +643,7 @@ def batch_loss(bounds, x, y, eps, lam, cfg):
     optimized = lam > 0 and (cfg.reg_tightness or cfg.reg_relu)
     with torch.set_grad_enabled(optimized and torch.is_grad_enabled()):  # else only logged: no graph
         l_tight, l_relu, relu = warmup_regularizers(pre, cfg.tau)
-    loss = l_rob
-    if lam > 0 and cfg.reg_tightness:
-        loss = loss + lam * l_tight  # Eq. (10)
-    if lam > 0 and cfg.reg_relu:
-        loss = loss + lam * l_relu
+    loss = l_rob + lam * (cfg.reg_tightness * l_tight + cfg.reg_relu * l_relu) if optimized else l_rob  # Eq. (10)
     with torch.no_grad():
         stats = dict(loss=l_rob, l_tightness=l_tight, l_relu=l_relu, train_err=(logits.argmax(1) != y).float().mean(),
                      train_ver_err=(~verified(lb, y)).float().mean(), relu=relu)
@@ -790,17 +756,15 @@ def format_record(r):
 # Training loop
 # ----------------------------------------------------------------------------------------------
 def keep_freed_memory():
-    # PyTorch gives every freed CPU tensor back to glibc, which unmaps blocks above its mmap
-    # threshold (32 MB at most) and trims the heap's top, so every training step page-faults its
-    # activations and the FC weight's gradients in again: a third of the IBP step went to the kernel.
-    # Serving all blocks from the heap and never trimming it lets each step reuse the last one's
-    # memory (the process keeps its peak). glibc only; elsewhere nothing changes.
+    # PyTorch gives every freed CPU tensor back to glibc, which unmaps blocks above its mmap threshold
+    # (32 MB at most) and trims the heap, so each training step page-faulted its activations and the
+    # FC weight's gradients in again (a third of the IBP step's time). All blocks from the heap, never
+    # trimmed (-1 = SIZE_MAX): each step reuses the last one's memory. glibc only.
     try:
         libc = ctypes.CDLL('libc.so.6')
     except OSError:
         return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1  # -1: SIZE_MAX
+    return libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, -1) == 1  # M_MMAP_MAX, M_TRIM_THRESHOLD
 
 
 def setup_device(cfg):
@@ -931,7 +895,8 @@ def train(cfg):
             f.write(json.dumps(rec) + '\n')
         atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=dataclasses.asdict(cfg),
                          epoch=epoch, best=best, wall=wall), os.path.join(cfg.out_dir, 'last.pt'))
-    if rank > 0:
+    if rank > 0:  # wait for rank 0's final evaluation: tearing Gloo down on one rank first can abort
+        torch.distributed.barrier()
         return None
     final = evaluate(model, data['test'], cfg.eps, pgd_steps=cfg.pgd_steps, pgd_restarts=cfg.pgd_restarts, seed=cfg.seed)
     metrics = dict(final_epoch=cfg.epochs, eps=cfg.eps, **final, test_size=len(data['test'][1]),
@@ -940,6 +905,8 @@ def train(cfg):
     pgd = '' if final['pgd_err'] is None else f" PGD error {final['pgd_err']:.4f} |"
     print(f"final (epoch {cfg.epochs}, eps {cfg.eps:.5f}): standard error {final['std_err']:.4f} |{pgd} "
           f"verified error {final['ver_err']:.4f} | {wall:.1f} s | {cfg.out_dir}/metrics.json")
+    if world > 1:
+        torch.distributed.barrier()
     return metrics
 
 
@@ -967,52 +934,44 @@ def eval_checkpoint(cfg):
 # ----------------------------------------------------------------------------------------------
 def benchmark(cfg):
     # ms per training step of (a) clean, (b) vanilla IBP and (c) ours, on synthetic data of the
-    # dataset's shape, after warm-up, with the device synchronized. The three steps take turns, so
-    # that a drift of the machine's speed hits all of them alike: ratios are per round, then median.
-    dev = setup_device(cfg)
-    info = dataset_info(cfg)
+    # dataset's shape, after 3 warm-up rounds, with the device synchronized. The steps take turns, so
+    # a drift of the machine's speed hits all alike: ratios are per round, then the median.
+    dev, info = setup_device(cfg), dataset_info(cfg)
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     x = to_input(torch.rand(cfg.batch_size, *info['shape'], device=dev), cfg)
     y = torch.randint(0, info['classes'], (cfg.batch_size,), device=dev)
-    eps_mid = cfg.eps / 2
-    steps = {}
+    eps, steps = cfg.eps / 2, {}
     for name, ours in [('clean', False), ('vanilla_ibp', False), ('ours', True)]:
         c = dataclasses.replace(cfg, method='ours' if ours else 'vanilla', ibp_init=ours, reg_tightness=ours, reg_relu=ours)
         model, opt, bounds = prepare(c, dev, info)
-        model.train()
+        forward = torch.compile(model.train()) if cfg.compile else model.train()  # compiled like the bounds, if asked
 
-        forward = torch.compile(model) if cfg.compile else model  # compiled like the bounds, if asked
-
-        def step(forward=forward, model=model, opt=opt, bounds=bounds, c=c, name=name):
-            if name == 'clean':
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(forward(x), y).backward()
-                nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-                opt.step()
-            else:
-                train_step(bounds, opt, x, y, eps_mid, lam_at(eps_mid, c.eps, c.lam0) if name == 'ours' else 0.0, c)
-        steps[name] = step
+        def clean(forward=forward, model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(forward(x), y).backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+        steps[name] = clean if name == 'clean' else functools.partial(
+            train_step, bounds, opt, x, y, eps, lam_at(eps, c.eps, c.lam0) if ours else 0.0, c)
     times = {name: [] for name in steps}
-    for i in range(3 + cfg.benchmark_steps):  # 3 warm-up rounds
+    for i in range(3 + cfg.benchmark_steps):
         for name, step in steps.items():
             sync()
             t = time.perf_counter()
             step()
             sync()
-            if i >= 3:
-                times[name].append(1000 * (time.perf_counter() - t))
+            times[name] += [1000 * (time.perf_counter() - t)] if i >= 3 else []
     median = lambda v: sorted(v)[len(v) // 2]
-    results = {k: dict(ms_per_step=median(v), min_ms=min(v), max_ms=max(v), img_per_s=cfg.batch_size / median(v) * 1000)
-               for k, v in times.items()}
     rounds = {f'{k}/clean': [a / b for a, b in zip(times[k], times['clean'])] for k in ('vanilla_ibp', 'ours')}
-    ratios = {k: median(v) for k, v in rounds.items()}
-    for k, r in results.items():
+    out = dict(results={k: dict(ms_per_step=median(v), min_ms=min(v), max_ms=max(v), img_per_s=cfg.batch_size / median(v) * 1000)
+                        for k, v in times.items()}, ratios={k: median(v) for k, v in rounds.items()}, round_ratios=rounds,
+               device=str(dev), model=cfg.model, width=cfg.width, batch_size=cfg.batch_size, shape=info['shape'],
+               threads=torch.get_num_threads(), torch=torch.__version__)
+    for k, r in out['results'].items():
         print(f"{k:12s} {r['ms_per_step']:9.2f} ms/step (median of {cfg.benchmark_steps}; range {r['min_ms']:.2f}-{r['max_ms']:.2f}) "
               f"{r['img_per_s']:9.1f} img/s")
-    print('ratios (median over rounds): ' + ', '.join(f'{k} {v:.2f} (range {min(rounds[k]):.2f}-{max(rounds[k]):.2f})'
-                                                       for k, v in ratios.items()) + f' | {cfg.model} batch {cfg.batch_size} on {dev}')
-    out = dict(results=results, ratios=ratios, round_ratios=rounds, device=str(dev), model=cfg.model, width=cfg.width,
-               batch_size=cfg.batch_size, shape=info['shape'], threads=torch.get_num_threads(), torch=torch.__version__)
+    print('ratios (median over rounds): ' + ', '.join(f'{k} {median(v):.2f} (range {min(v):.2f}-{max(v):.2f})' for k, v in rounds.items())
+          + f' | {cfg.model} batch {cfg.batch_size} on {dev}')
     if cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
         atomic_save(out, os.path.join(cfg.out_dir, 'benchmark.json'))
@@ -1073,14 +1032,9 @@ def main(argv=None):
         cfg = parse_args(argv)
         if cfg.eval_checkpoint:
             eval_checkpoint(cfg)
-            return 0
-        cfg = resolve(cfg)
-        if cfg.benchmark:
-            benchmark(cfg)
-        elif cfg.diagnose_init:
-            diagnose_init(cfg)
         else:
-            train(cfg)
+            cfg = resolve(cfg)
+            (benchmark if cfg.benchmark else diagnose_init if cfg.diagnose_init else train)(cfg)
         return 0
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
