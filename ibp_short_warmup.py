@@ -294,7 +294,6 @@ def augment(x, pad, gen):
 # ----------------------------------------------------------------------------------------------
 class Normalize(nn.Module):
     # Per-channel (x - mean) / std inside the model, so that eps stays in pixel units.
-
     def __init__(self, mean, std):
         super().__init__()
         self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1))
@@ -306,7 +305,6 @@ class Normalize(nn.Module):
 
 class Residual(nn.Module):
     # branch(x) + shortcut(x); the ReLU after the addition is the next module of the Sequential.
-
     def __init__(self, branch, shortcut):
         super().__init__()
         self.branch, self.shortcut = branch, shortcut
@@ -442,8 +440,7 @@ class Margins(nn.Module):
 
     def forward(self, x, y, eps):
         pre = []
-        logits, lb = ibp_margins(self.model, x, y, eps, pre)
-        return logits, lb, pre
+        return (*ibp_margins(self.model, x, y, eps, pre), pre)
 
 
 def verified(lb, y):
@@ -553,8 +550,7 @@ class ReluStats(torch.autograd.Function):
     # few fused multiply-adds (64x64x32x32 box, 2-core CPU: 18 ms; autograd of masked sums: 38 ms).
     @staticmethod
     def forward(ctx, c, r):
-        active = torch.gt(c, r, out=torch.empty_like(c))
-        inactive = torch.add(c, r).lt_(0)
+        active, inactive = torch.gt(c, r, out=torch.empty_like(c)), torch.add(c, r).lt_(0)
         m = c.mean()
         d = c - m
         order = sorted(range(c.dim()), key=lambda i: -c.stride(i))  # memory order (channels-last too)
@@ -568,8 +564,7 @@ class ReluStats(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        active, inactive, d, s, m = ctx.saved_tensors
-        n = d.numel()
+        (active, inactive, d, s, m), n = ctx.saved_tensors, ctx.saved_tensors[2].numel()
         # sum d A = sum c A - m n_A; the mean inside d gives every element -2/n (g2 sum dA + g3 sum dI)
         shift = 2 / n * (g[2] * (s[0] - m * s[4]) + g[3] * (-s[1] - m * s[5]))
         slope = torch.addcmul(active * (2 * g[2]), inactive, 2 * g[3])  # d/dd of the d^2 sums, per mask
@@ -743,8 +738,7 @@ def read_log(path, last_epoch):
     return [json.loads(l) for l in lines if l.endswith('}') and json.loads(l)['epoch'] <= last_epoch]
 
 
-def format_record(r):
-    # The fixed-format epoch line.
+def format_record(r):  # the fixed-format epoch line
     return (f"ep {r['epoch']:3d} | eps {r['eps']:.5f} lam {r['lam']:.3f} lr {r['lr']:.1e} | loss {r['loss']:.4f} "
             f"Ltight {r['l_tightness']:.4f} Lrelu {r['l_relu']:.4f} | relu act {r['active']:.2f} inact {r['inactive']:.2f} "
             f"unst {r['unstable']:.2f} | train err {r['train_err']:.4f} ver {r['train_ver_err']:.4f} | "
@@ -755,18 +749,6 @@ def format_record(r):
 # ----------------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------------
-def keep_freed_memory():
-    # PyTorch gives every freed CPU tensor back to glibc, which unmaps blocks above its mmap threshold
-    # (32 MB at most) and trims the heap, so each training step page-faulted its activations and the
-    # FC weight's gradients in again (a third of the IBP step's time). All blocks from the heap, never
-    # trimmed (-1 = SIZE_MAX): each step reuses the last one's memory. glibc only.
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-    except OSError:
-        return False
-    return libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, -1) == 1  # M_MMAP_MAX, M_TRIM_THRESHOLD
-
-
 def setup_device(cfg):
     local = os.environ.get('LOCAL_RANK')  # set by torchrun: one GPU per process
     name = (f'cuda:{local or 0}' if torch.cuda.is_available() else 'cpu') if cfg.device == 'auto' else cfg.device
@@ -781,8 +763,15 @@ def setup_device(cfg):
     torch.backends.cudnn.benchmark = True
     if dev.type == 'cuda':
         torch.cuda.set_device(dev)
-    else:
-        keep_freed_memory()
+    elif sys.platform.startswith('linux'):
+        # PyTorch gives freed CPU tensors back to glibc, which unmaps blocks over its mmap threshold
+        # (32 MB at most) and trims the heap, so each step page-faulted its activations and the FC
+        # weight's gradients in again (a third of the IBP step). All blocks from the heap, never
+        # trimmed: each step reuses the last one's memory.
+        libc = ctypes.CDLL(None)  # the C library this process runs on
+        if hasattr(libc, 'mallopt'):
+            libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: no block from mmap
+            libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD = SIZE_MAX: never trim
     return dev
 
 
@@ -854,9 +843,7 @@ def train(cfg):
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.time()
         model.train()
-        lr = lr_at(epoch, cfg)
-        for g in opt.param_groups:
-            g['lr'] = lr
+        lr = opt.param_groups[0]['lr'] = lr_at(epoch, cfg)  # one parameter group
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # an epoch's randomness is its own
         perm = torch.randperm(n, generator=gen).to(dev)
         sums = {}
