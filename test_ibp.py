@@ -232,7 +232,7 @@ def test_unknown_layer_raises():
 
 
 # ----------------------------------------------------------------------------------------------
-# Hand-written backward passes (GitHub issue 5) against finite differences and autograd of the formulas
+# Hand-written backward passes and the interval ReLU (GitHub issue 5): finite differences, autograd of the formulas
 # ----------------------------------------------------------------------------------------------
 def box_away_from_kinks(shape, seed, layout=torch.contiguous_format):
     """Random centres and radii with |c +- r| >= 0.05: finite differences then never cross a ReLU kink."""
