@@ -259,9 +259,9 @@ def relu_stats_formula(c, r):
 
 
 @pytest.mark.parametrize('shape', [(5, 7), (3, 4, 5, 5)])
-def test_interval_relu_and_relu_stats_pass_gradcheck(shape):
+def test_relu_stats_backward_passes_gradcheck(shape):
+    # (the interval ReLU is autograd's own: the formula comparison below checks its values)
     c, r = box_away_from_kinks(shape, seed=len(shape))
-    assert torch.autograd.gradcheck(lambda c, r: ibp_forward(nn.ReLU(), c, c, r)[1:], (c, r))
     assert torch.autograd.gradcheck(ibp.ReluStats.apply, (c, r))
 
 
