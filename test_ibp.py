@@ -232,7 +232,7 @@ def test_unknown_layer_raises():
 
 
 # ----------------------------------------------------------------------------------------------
-# Hand-written backward passes and the interval ReLU (GitHub issue 5): finite differences, autograd of the formulas
+# Hand-written backward passes (GitHub issue 5): finite differences, autograd of the formulas
 # ----------------------------------------------------------------------------------------------
 def box_away_from_kinks(shape, seed, layout=torch.contiguous_format):
     """Random centres and radii with |c +- r| >= 0.05: finite differences then never cross a ReLU kink."""
@@ -259,29 +259,71 @@ def relu_stats_formula(c, r):
 
 
 @pytest.mark.parametrize('shape', [(5, 7), (3, 4, 5, 5)])
-def test_relu_stats_backward_passes_gradcheck(shape):
-    # (the interval ReLU is autograd's own: the formula comparison below checks its values)
+@pytest.mark.parametrize('sums', [True, False])
+def test_interval_relu_backward_passes_gradcheck(shape, sums):
     c, r = box_away_from_kinks(shape, seed=len(shape))
-    assert torch.autograd.gradcheck(ibp.ReluStats.apply, (c, r))
+    assert torch.autograd.gradcheck(lambda c, r: ibp.IntervalReLU.apply(c, r, sums)[:3 if sums else 2], (c, r))
 
 
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
-def test_interval_relu_and_relu_stats_match_autograd_of_the_formulas(layout):
-    """Values and gradients equal those of the plain formulas, also on channels-last tensors."""
+def test_interval_relu_and_its_sums_match_autograd_of_the_formulas(layout):
+    """Values and gradients equal those of the plain formulas, also on channels-last tensors, with and
+    without the sums, and with only some of the outputs used."""
     c, r = box_away_from_kinks((4, 3, 6, 6), seed=7, layout=layout)
     g = torch.Generator().manual_seed(8)
     g_c, g_r, g_s = (torch.randn(c.shape, generator=g, dtype=D), torch.randn(c.shape, generator=g, dtype=D),
                      torch.randn(7, generator=g, dtype=D))
-    results = []
-    for relu, stats in [(lambda c, r: ibp_forward(nn.ReLU(), c, c, r)[1:], ibp.ReluStats.apply),
-                        (interval_relu_formula, relu_stats_formula)]:
-        c.grad = r.grad = None
-        c_out, r_out = relu(c, r)
-        s = stats(c, r)
-        torch.autograd.backward([c_out, r_out, s], [g_c, g_r, g_s])
-        results.append((c_out, r_out, s, c.grad, r.grad))
-    for mine, oracle in zip(*results):
-        close(mine, oracle)
+    mine = lambda c, r: ibp.IntervalReLU.apply(c, r, True)
+    oracle = lambda c, r: (*interval_relu_formula(c, r), relu_stats_formula(c, r))
+    for used in [(0, 1, 2), (0, 1), (2,), (1, 2)]:
+        results = []
+        for f in (mine, oracle):
+            c.grad = r.grad = None
+            outs = f(c, r)
+            torch.autograd.backward([outs[i] for i in used], [(g_c, g_r, g_s)[i] for i in used])
+            results.append((*outs, c.grad, r.grad))
+        for a, b in zip(*results):
+            close(a, b)
+    c.grad = r.grad = None  # without the sums (certification): the same box and gradients
+    c_out, r_out, s = ibp.IntervalReLU.apply(c, r, False)
+    assert s.numel() == 0
+    torch.autograd.backward([c_out, r_out], [g_c, g_r])
+    close(c_out, results[1][0])
+    close(r_out, results[1][1])
+    grads = torch.autograd.grad(interval_relu_formula(c, r), (c, r), (g_c, g_r))
+    close(c.grad, grads[0])
+    close(r.grad, grads[1])
+
+
+def test_interval_relu_at_the_kinks_follows_relu_and_the_strict_masks():
+    """Hand-worked: u = 0 and l = 0 exactly. ReLU's derivative at 0 is 0 (PyTorch's convention), and a
+    neuron with l = 0 is neither active nor inactive, one with u = 0 not inactive (SPEC 3)."""
+    c, r = t([1.0, -1.0, 2.0, -3.0]).requires_grad_(), t([1.0, 1.0, 1.0, 1.0]).requires_grad_()
+    c_out, r_out, s = ibp.IntervalReLU.apply(c, r, True)  # u = 2, 0, 3, -2; l = 0, -2, 1, -4
+    close(c_out, [1.0, 0.0, 2.0, 0.0])
+    close(r_out, [1.0, 0.0, 1.0, 0.0])
+    d2 = (c.detach() + 0.25) ** 2  # mean(c) = -0.25
+    close(s, [2.0, 3.0, d2[2], d2[3], 1, 1, 1.0])
+    (c_out.sum() + 10 * r_out.sum()).backward()
+    close(c.grad, [5.5, 0.0, 1.0, 0.0])  # unstable: (1 + 10)/2; u = 0: nothing; active: passes
+    close(r.grad, [5.5, 0.0, 10.0, 0.0])
+
+
+def test_interval_linear_matches_autograd_of_the_formula():
+    """The clean-and-centre matmul and the radius matmul |W| r with their hand-written weight gradient
+    W -> sign(W) * (g_r^T r) + g^T [x; c]; gradcheck and the plain formula."""
+    g = torch.Generator().manual_seed(9)
+    xc, r = torch.randn(6, 5, generator=g, dtype=D), torch.rand(3, 5, generator=g, dtype=D)
+    w, b = torch.randn(4, 5, generator=g, dtype=D), torch.randn(4, generator=g, dtype=D)
+    g_z, g_r = torch.randn(6, 4, generator=g, dtype=D), torch.randn(3, 4, generator=g, dtype=D)
+    for bias in (b, None):
+        args = [a.requires_grad_() for a in (xc, r, w, bias) if a is not None]
+        f = lambda *a: ibp.IntervalLinear.apply(*a, *[None][:4 - len(a)])
+        assert torch.autograd.gradcheck(f, args)
+        mine = torch.autograd.grad(f(*args), args, (g_z, g_r))
+        oracle = torch.autograd.grad((F.linear(xc, w, bias), F.linear(r, w.abs())), args, (g_z, g_r))
+        for a, o in zip(mine, oracle):
+            close(a, o)
 
 
 @pytest.mark.parametrize('shape', [(6, 3), (4, 3, 5, 5)])
@@ -1338,7 +1380,7 @@ def test_channels_last_gives_the_same_bounds_and_step():
         same(z1, z2)
         same(lb1, lb2)
         assert len(pre1) == len(pre2) == 7
-        for (c1, r1), (c2, r2) in zip(pre1, pre2):
+        for (c1, r1, *_), (c2, r2, *_) in zip(pre1, pre2):
             same(c1, c2)
             same(r1, r2)
     m_cl.train()

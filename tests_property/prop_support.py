@@ -45,7 +45,7 @@ def tol_of(dtype, scale=0.0, net_scale=0.0):
 
 def net_scale(bounds):
     """Largest |centre| + radius over a list of boxes (c, r)."""
-    return max((c.abs() + r).max().item() for c, r in bounds)
+    return max((c.abs() + r).max().item() for c, r, *_ in bounds)
 
 
 # ----------------------------------------------------------------------------------------------

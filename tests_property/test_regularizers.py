@@ -47,7 +47,7 @@ def oracle(pre, tau):
     ask to be >= tau: E(Delta_0)/E(Delta_i), min(alpha, 1/alpha), min(beta, 1/beta); the smallest
     denominator of alpha and beta (to set aside degenerate ones); per layer the fractions of active
     (l > 0), inactive (u < 0) and unstable neurons."""
-    flat = [([float(v) for v in c.flatten()], [float(v) for v in r.flatten()]) for c, r in pre]
+    flat = [([float(v) for v in c.flatten()], [float(v) for v in r.flatten()]) for c, r, *_ in pre]
     d0 = sum(flat[0][1]) / len(flat[0][1])
     tight, relu, ratios, smallest, states = 0.0, 0.0, [], math.inf, []
     for c, r in flat[1:]:
@@ -88,7 +88,7 @@ def test_regularizers_lie_in_0_1_and_are_finite_with_finite_gradients(pre, tau):
     """For any bounds and tau in (0, 1]: every ReLU(.) term lies in [0, tau], so after the factor
     1/(tau m) L_tightness (m terms) lies in [0, 1] and L_relu (2m terms: alpha and beta) in
     [0, 2] (RELU_MAX); no nan or inf, and finite gradients for every centre and radius."""
-    pre = [(c.clone().requires_grad_(True), r.clone().requires_grad_(True)) for c, r in pre]
+    pre = [(c.clone().requires_grad_(True), r.clone().requires_grad_(True)) for c, r, *_ in pre]
     lt, lr, _ = M.warmup_regularizers(pre, tau)
     check_range(lt, lr)
     (lt + lr).backward()
@@ -166,3 +166,23 @@ def test_regularizers_on_real_bounds_lie_in_0_1_with_finite_parameter_gradients(
     (lt + lr).backward()
     for name, p in net.model.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), f'non-finite gradient of {name}'
+
+
+@given(net=P.family_nets(dtype=torch.float64), eps=st.floats(1e-6, 0.3), tau=taus, seed=st.integers(0, 2 ** 16))
+def test_sums_collected_in_the_ibp_pass_give_the_paper_formulas(net, eps, tau, seed):
+    """Training takes the regularizers' sums from the interval ReLU of the IBP pass itself, not from
+    the boxes afterwards: on a model family's real bounds they give what the oracle computes from
+    those boxes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, *net.shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, net.classes, (3,), generator=g)
+    pre = []
+    with torch.no_grad():
+        M.ibp_margins(net.model, x, y, eps, pre)
+    assert all(len(p) == 3 for p in pre[1:]), 'every ReLU box carries its sums'
+    tight, relu, _, smallest, states = oracle(pre, tau)
+    lt, lr, st_ = M.warmup_regularizers(pre, tau)
+    P.assert_close(st_, torch.tensor(states, dtype=st_.dtype), 'active/inactive/unstable fractions', scale=1.0)
+    assume(smallest > 1e-9)
+    P.assert_close(lt, torch.tensor(tight, dtype=torch.float64), 'L_tightness', scale=1.0)
+    P.assert_close(lr, torch.tensor(relu, dtype=torch.float64), 'L_relu', scale=1.0)

@@ -41,7 +41,7 @@ def check_enclosed(model, x, c, r, g, attack=True):
     assume(P.cancellation_ok(oracle, c.dtype))
     pre = []
     xo, co, ro = M.ibp_forward(model, x, c, r, pre)
-    bounds = [(bc.detach(), br.detach()) for bc, br in pre + [(co, ro)]]
+    bounds = [(bc.detach(), br.detach()) for bc, br, *_ in pre + [(co, ro)]]
     net = P.net_scale(bounds)
     with torch.no_grad():
         P.assert_close(xo.detach(), oracle(x), 'clean output vs plain forward with clean-batch BN statistics', net=net)
@@ -97,7 +97,7 @@ def test_nested_boxes_give_nested_bounds(net, data):
         out1 = M.ibp_forward(net.model, x, c1, r1, pre1)[1:]
         vals, out = P.layer_values(oracle, c1)
     net = P.net_scale(pre2 + [out2])
-    for k, ((bc1, br1), (bc2, br2)) in enumerate(zip(pre1 + [out1], pre2 + [out2])):
+    for k, ((bc1, br1, *_), (bc2, br2, *_)) in enumerate(zip(pre1 + [out1], pre2 + [out2])):
         scale = (bc2.abs() + br2).max().item()
         t = P.tol_of(dtype, scale, net)
         assert ((bc1 - br1) >= (bc2 - br2) - t).all(), f'layer {k}: lower bound of the sub-box below the box\'s'
