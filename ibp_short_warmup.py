@@ -12,7 +12,7 @@ Models: CNN-7, Wide-ResNet and ResNeXt with full BN for MNIST, Fashion-MNIST, CI
 TinyImageNet, plus a generated `synthetic` dataset for tests and quick runs.
 
 Commands (defaults per dataset follow the paper and the authors' release; see `--help`):
-    python ibp_short_warmup.py --smoke                          # CPU, synthetic data, ~8 s
+    python ibp_short_warmup.py --smoke                          # CPU, synthetic data, ~9 s
     python ibp_short_warmup.py --dataset cifar10                # 160 epochs (1+80+79), eps 8/255
     python ibp_short_warmup.py --dataset cifar10 --epochs 70    # 70 epochs (1+20+49)
     python ibp_short_warmup.py --dataset mnist                  # 70 epochs (0+20+50), eps 0.4
@@ -25,7 +25,8 @@ Expected results (IBP-verified error, the paper's CNN-7 numbers; not yet reprodu
 GPU): CIFAR-10 eps 8/255 160 epochs 65.58% (standard 51.72%), 70 epochs 68.81%; MNIST eps 0.4
 11.03% (standard 2.33%); TinyImageNet eps 1/255 82.36%. The paper's CIFAR-10 CNN-7 epoch takes
 64 s on one RTX 2080 Ti. Measured here on a 2-core Xeon CPU (no GPU): a CNN-7 step at batch 64
-takes 0.25 s clean, 0.77 s vanilla IBP, 0.81 s ours (3.2x clean); `--smoke` 7.5 s. See README.md.
+takes 0.25 s clean, 0.75 s vanilla IBP, 0.78 s ours (3.09x clean; 2.76x with --compile);
+`--smoke` 8.5 s. See README.md.
 
 Outputs in --out-dir: one line per epoch on stdout, log.jsonl (the same records), last.pt (written
 atomically after every epoch; `--resume` continues from it), metrics.json (final result).
@@ -381,7 +382,7 @@ class IntervalReLU(torch.autograd.Function):
     # pooled over the batch and the layer: s = [sum c A, -sum c I, sum d^2 A, sum d^2 I, n_A, n_I,
     # mean r], with A = [l > 0], I = [u < 0] (strict) and d = c - mean(c).   [paper] Sec. 3.3.3
     # One Function, so that both share their passes over the box and the backward is a few fused
-    # multiply-adds (64x64x32x32 box, forward + backward, 2-core CPU: 17 ms; autograd: 29 ms).
+    # multiply-adds (64x64x32x32 box, forward + backward, 2-core CPU: 31 ms; autograd of the formulas: 77).
     @staticmethod
     def forward(ctx, c, r, sums):
         u, l = c + r, c - r
@@ -425,8 +426,8 @@ class IntervalReLU(torch.autograd.Function):
 def ibp_forward(module, x, c, r, pre=None):
     # Propagate the clean batch x and the box [c - r, c + r] through `module`.   [Eq. (3)]
     # The clean batch gives BN its statistics in training mode (SPEC 2). If `pre` is a list, the box
-    # after the input normalization and the box at the input of every ReLU are appended to it: the
-    # layers i = 0..m of the regularizers.
+    # after the input normalization, then the box at the input of every ReLU with the regularizers'
+    # sums over it, are appended to it: the layers i = 0..m of the regularizers.
     if isinstance(module, nn.Sequential):
         layers, folded = list(module), None
         for m, after in zip(layers, layers[1:] + [None]):
@@ -442,9 +443,8 @@ def ibp_forward(module, x, c, r, pre=None):
         return xb + xs, cb + cs, rb + rs  # lowers add, uppers add
     if isinstance(module, nn.Linear):  # Eq. (3) in centre-radius form: c' = W c + b, r' = |W| r
         # (A Linear is not folded with a BN1d after it: its weight is far larger than its activations.)
-        n = x.shape[0]
         xc, r = IntervalLinear.apply(torch.cat([x, c]), r, module.weight, module.bias)
-        return xc[:n], xc[n:], r
+        return *xc.split(len(x)), r
     if isinstance(module, nn.Conv2d):
         return conv_forward(module, None, x, c, r)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -586,11 +586,12 @@ def ibp_init_(model):
 def warmup_regularizers(pre, tau):
     # L_tightness (Eq. 7), L_relu (Eq. 8) and, for the log, the fractions of active (l > 0), inactive
     # (u < 0) and unstable neurons of every ReLU layer (Figure 2), from the boxes of ibp_forward.
-    # pre[0] is the input box, pre[1:] the m pre-activation boxes; statistics pool the whole batch and
-    # every neuron of a layer. Each ReLU(.) term lies in [0, tau], so L_tightness lies in [0, 1] and
-    # L_relu, with two terms per layer, in [0, 2].
+    # pre[0] is the input box, pre[1:] the m pre-activation boxes (c, r, sums) with the sums that
+    # IntervalReLU took in the same pass (for a bare box (c, r), they are taken here). Statistics pool
+    # the whole batch and every neuron of a layer. Each ReLU(.) term lies in [0, tau], so L_tightness
+    # lies in [0, 1] and L_relu, with two terms per layer, in [0, 2].
     delta0 = pre[0][1].mean()  # E(Delta_0): mean half-width of the (normalized) input box
-    s = torch.stack([p[2] if len(p) > 2 else IntervalReLU.apply(*p[:2], True)[2] for p in pre[1:]])  # one row of sums per layer i = 1..m
+    s = torch.stack([p[2] if len(p) > 2 else IntervalReLU.apply(*p[:2], True)[2] for p in pre[1:]])  # a row per layer
     m = len(s)
     l_tight = F.relu(tau - delta0 / s[:, 6].clamp_min(DIV_GUARD)).sum() / (tau * m)  # Eq. (7)
     # alpha_i = p/q on the means of c, beta_i on its variances; min(alpha, 1/alpha) is written
