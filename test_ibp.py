@@ -1022,8 +1022,12 @@ def ddp_worker(rank, port, out, x, y, eps, lam):
                         ddp=isinstance(bounds, nn.parallel.DistributedDataParallel), init=init, gathered=gathered,
                         grads=flat(p.grad for p in model.parameters()), loss=stats['loss']),
                    os.path.join(out, f'{rank}.pt'))
+        torch.distributed.barrier()  # both ranks done before either tears Gloo down
     finally:
         torch.distributed.destroy_process_group()
+    # Leave without the interpreter's teardown, as ibp_short_warmup's __main__ does for ranks > 0:
+    # its C++ destructors aborted ("terminate called without an active exception") in a CI run.
+    os._exit(0)
 
 
 def test_ddp_step_equals_single_process_step_on_the_mean_gradient(tmp_path):
