@@ -71,16 +71,22 @@ def oracle(pre, tau):
     return tight / (tau * m), relu / (tau * m), ratios, smallest, states
 
 
-@given(pre=pre_lists(), tau=taus)
-def test_regularizers_match_the_paper_formulas(pre, tau):
-    """L_tightness and L_relu equal Eq. (7) and (8) computed by the oracle (non-degenerate ratios);
-    the ReLU-state fractions of every layer are the oracle's counts."""
+def assert_matches_oracle(pre, tau):
+    """warmup_regularizers against the oracle: the ReLU-state fractions always, L_tightness and L_relu
+    where no ratio is degenerate."""
     tight, relu, _, smallest, states = oracle(pre, tau)
     lt, lr, st_ = M.warmup_regularizers(pre, tau)
     P.assert_close(st_, torch.tensor(states, dtype=st_.dtype), 'active/inactive/unstable fractions', scale=1.0)
     assume(smallest > 1e-9)
     P.assert_close(lt, torch.tensor(tight, dtype=torch.float64), 'L_tightness', scale=1.0)
     P.assert_close(lr, torch.tensor(relu, dtype=torch.float64), 'L_relu', scale=1.0)
+
+
+@given(pre=pre_lists(), tau=taus)
+def test_regularizers_match_the_paper_formulas(pre, tau):
+    """L_tightness and L_relu equal Eq. (7) and (8) computed by the oracle (non-degenerate ratios);
+    the ReLU-state fractions of every layer are the oracle's counts."""
+    assert_matches_oracle(pre, tau)
 
 
 @given(pre=st.one_of(pre_lists(torch.float32), pre_lists(torch.float64)), tau=taus)
@@ -180,9 +186,4 @@ def test_sums_collected_in_the_ibp_pass_give_the_paper_formulas(net, eps, tau, s
     with torch.no_grad():
         M.ibp_margins(net.model, x, y, eps, pre)
     assert all(len(p) == 3 for p in pre[1:]), 'every ReLU box carries its sums'
-    tight, relu, _, smallest, states = oracle(pre, tau)
-    lt, lr, st_ = M.warmup_regularizers(pre, tau)
-    P.assert_close(st_, torch.tensor(states, dtype=st_.dtype), 'active/inactive/unstable fractions', scale=1.0)
-    assume(smallest > 1e-9)
-    P.assert_close(lt, torch.tensor(tight, dtype=torch.float64), 'L_tightness', scale=1.0)
-    P.assert_close(lr, torch.tensor(relu, dtype=torch.float64), 'L_relu', scale=1.0)
+    assert_matches_oracle(pre, tau)
