@@ -1400,8 +1400,8 @@ def test_channels_last_gives_the_same_bounds_and_step():
 
 
 @pytest.mark.skipif(not os.environ.get('THOROUGH_TESTS'),
-                    reason='torch.compile with a cold inductor cache takes ~85 s on the 2-core CPU: '
-                           'set THOROUGH_TESTS=1')
+                    reason='torch.compile with a cold inductor cache takes ~40 s on the 2-core CPU: '
+                           'set THOROUGH_TESTS=1 (.ci/run does)')
 def test_compiled_bounds_give_the_eager_step():
     (cc, info), (ce, _) = small_synthetic(channels_last=False, compile=True), small_synthetic(channels_last=False)
     dev = torch.device('cpu')
