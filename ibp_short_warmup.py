@@ -100,7 +100,7 @@ class Config:
     pgd_restarts: int = opt(1, 'PGD random restarts of the final attack')
     tf32: bool = opt(True, 'allow TF32 matmuls/convolutions in training on CUDA (never in certification)')
     channels_last: typing.Optional[bool] = opt(None, 'channels-last memory format (default: on for CUDA)')
-    compile: bool = opt(False, 'torch.compile the bound computation')
+    compile: bool = opt(False, 'torch.compile the bound computation: fused element-wise passes, 20-35 s of compilation first')
     benchmark: bool = opt(False, 'time clean / vanilla IBP / ours training steps on synthetic data and exit')
     benchmark_steps: int = opt(20, 'timed steps per benchmark variant')
     diagnose_init: bool = opt(False, 'print the per-layer difference gains at initialization (Figure 1, Eq. 6) and exit')
