@@ -193,9 +193,6 @@ def parse_args(argv=None):
 
 
 # ---- Data: whole datasets as uint8 tensors on the training device, augmented there in batches ----
-TINY_URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
-
-
 def synthetic_images(n, shape, classes, seed):
     # A deterministic learnable dataset: one smooth random prototype per class plus pixel noise.
     g = torch.Generator().manual_seed(1234)  # the prototypes are the same for train and test
@@ -227,7 +224,7 @@ def _tinyimagenet(root):
     if not os.path.isdir(base):
         from torchvision.datasets.utils import download_and_extract_archive
         with open(os.devnull, 'w') as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
-            download_and_extract_archive(TINY_URL, root)
+            download_and_extract_archive('http://cs231n.stanford.edu/tiny-imagenet-200.zip', root)
     import numpy as np
     import PIL.Image
     wnids = sorted(open(os.path.join(base, 'wnids.txt')).read().split())
@@ -328,24 +325,6 @@ class TrainBatchNorm(torch.autograd.Function):
         return g_h, g_gamma + g_scale * invstd, g_beta + g_b, None, None, None, None
 
 
-class IntervalLinear(torch.autograd.Function):
-    # Eq. (3) for a Linear: W [x; c] + b for the clean and centre batches stacked (one matmul), and
-    # |W| r. By hand, the weight's gradient sign(W) (g_r^T r) + g^T [x; c] is accumulated in place:
-    # autograd would write and add three weight-sized tensors (32768 x 512 in CNN-7: 67 MB each).
-    @staticmethod
-    def forward(ctx, xc, r, weight, bias):
-        w_abs = weight.abs()
-        ctx.save_for_backward(xc, r, weight, w_abs)
-        return F.linear(xc, weight, bias), F.linear(r, w_abs)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_xc, g_r):
-        xc, r, weight, w_abs = ctx.saved_tensors
-        g_w = torch.mm(g_r.t(), r).mul_(weight.sign()).addmm_(g_xc.t(), xc)
-        return g_xc @ weight, g_r @ w_abs, g_w, g_xc.sum(0) if ctx.needs_input_grad[3] else None
-
-
 def channel_shape(t):  # the view of a per-channel vector that broadcasts against t
     return [1, -1] + [1] * (t.dim() - 2)
 
@@ -381,8 +360,8 @@ class IntervalReLU(torch.autograd.Function):
     # r' = (up - lo)/2. With sums=True, also what Eq. (7) and (8) need from this pre-activation box,
     # pooled over the batch and the layer: s = [sum c A, -sum c I, sum d^2 A, sum d^2 I, n_A, n_I,
     # mean r], with A = [l > 0], I = [u < 0] (strict) and d = c - mean(c).   [paper] Sec. 3.3.3
-    # One Function, so that both share their passes over the box and the backward is a few fused
-    # multiply-adds (64x64x32x32 box, forward + backward, 2-core CPU: 31 ms; autograd of the formulas: 77).
+    # One Function: both share their passes over the box, and the backward is a few fused multiply-adds
+    # (64x64x32x32 box, forward + backward, 2-core CPU: 31 ms; autograd of the formulas: 77).
     @staticmethod
     def forward(ctx, c, r, sums):
         u, l = c + r, c - r
@@ -390,36 +369,33 @@ class IntervalReLU(torch.autograd.Function):
         inactive = torch.lt(u, 0, out=torch.empty_like(c)) if sums else None
         up = u.relu_()
         c2 = torch.lerp(up, l.relu_(), 0.5)
-        ctx.set_materialize_grads(False)
-        if not sums:
-            ctx.save_for_backward(up, active)
-            return c2, up - c2, c.new_empty(0)
-        order = sorted(range(c.dim()), key=lambda i: -c.stride(i))  # memory order (channels-last too)
-        flat = lambda t: t.permute(order).reshape(-1)
-        fc, fa, fi, fd2 = flat(c), flat(active), flat(inactive), flat(torch.sub(c, m := c.mean()).square_())
-        s = torch.stack([torch.dot(fc, fa), -torch.dot(fc, fi), torch.dot(fd2, fa), torch.dot(fd2, fi),
-                         fa.sum(), fi.sum(), r.mean()])
+        s = m = c.new_empty(0)  # no sums (certification)
+        if sums:
+            order = sorted(range(c.dim()), key=lambda i: -c.stride(i))  # memory order (channels-last too)
+            flat = lambda t: t.permute(order).reshape(-1)
+            fc, fa, fi, fd2 = flat(c), flat(active), flat(inactive), flat(torch.sub(c, m := c.mean()).square_())
+            s = torch.stack([torch.dot(fc, fa), -torch.dot(fc, fi), torch.dot(fd2, fa), torch.dot(fd2, fi),
+                             fa.sum(), fi.sum(), r.mean()])
         ctx.save_for_backward(up, active, inactive, c, s, m)
+        ctx.set_materialize_grads(False)
         return c2, up - c2, s
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_c, g_r, g):
-        up, active = ctx.saved_tensors[:2]
+        up, active, inactive, c, s, m = ctx.saved_tensors
         g_c, g_r = [torch.zeros_like(up) if t is None else t for t in (g_c, g_r)]
         # Active neurons pass both gradients through; unstable ones (c' = r' = up/2) get
         # (g_c + g_r)/2 in both; inactive ones nothing. lerp with a 0/1 weight is exact.
         g_u = torch.ops.aten.threshold_backward(torch.lerp(g_c, g_r, 0.5), up, 0)
         g_cin, g_rin = torch.lerp(g_u, g_c, active), torch.lerp(g_u, g_r, active)
-        if g is not None and len(ctx.saved_tensors) > 2:
-            _, _, inactive, c, s, m = ctx.saved_tensors
+        if g is not None and g.numel():
             # d/dc of the sums: A (g0 + 2 g2 d) + I (-g1 + 2 g3 d), and through the mean in d every
             # element gets -2/n (g2 sum d A + g3 sum d I), with sum d A = sum c A - m n_A
-            n = c.numel()
-            shift = 2 / n * (g[2] * (s[0] - m * s[4]) + g[3] * (-s[1] - m * s[5]))
+            shift = 2 / c.numel() * (g[2] * (s[0] - m * s[4]) + g[3] * (-s[1] - m * s[5]))
             g_cin.addcmul_(torch.addcmul(g[0] - 2 * g[2] * m, c, 2 * g[2]), active)
             g_cin.addcmul_(torch.addcmul(-g[1] - 2 * g[3] * m, c, 2 * g[3]), inactive).sub_(shift)
-            g_rin.add_(g[6] / n)  # from mean r
+            g_rin.add_(g[6] / c.numel())  # from mean r
         return g_cin, g_rin, None
 
 
@@ -443,8 +419,8 @@ def ibp_forward(module, x, c, r, pre=None):
         return xb + xs, cb + cs, rb + rs  # lowers add, uppers add
     if isinstance(module, nn.Linear):  # Eq. (3) in centre-radius form: c' = W c + b, r' = |W| r
         # (A Linear is not folded with a BN1d after it: its weight is far larger than its activations.)
-        xc, r = IntervalLinear.apply(torch.cat([x, c]), r, module.weight, module.bias)
-        return *xc.split(len(x)), r
+        xc = module(torch.cat([x, c]))  # the clean and the centre batch share W: one matmul, one weight gradient
+        return *xc.split(len(x)), F.linear(r, module.weight.abs())
     if isinstance(module, nn.Conv2d):
         return conv_forward(module, None, x, c, r)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -586,10 +562,9 @@ def ibp_init_(model):
 def warmup_regularizers(pre, tau):
     # L_tightness (Eq. 7), L_relu (Eq. 8) and, for the log, the fractions of active (l > 0), inactive
     # (u < 0) and unstable neurons of every ReLU layer (Figure 2), from the boxes of ibp_forward.
-    # pre[0] is the input box, pre[1:] the m pre-activation boxes (c, r, sums) with the sums that
-    # IntervalReLU took in the same pass (for a bare box (c, r), they are taken here). Statistics pool
-    # the whole batch and every neuron of a layer. Each ReLU(.) term lies in [0, tau], so L_tightness
-    # lies in [0, 1] and L_relu, with two terms per layer, in [0, 2].
+    # pre[0] is the input box, pre[1:] the m pre-activation boxes (c, r, sums), sums taken by IntervalReLU
+    # in the same pass (here, for a bare box (c, r)); they pool the whole batch and every neuron of a
+    # layer. Each ReLU(.) term lies in [0, tau]: L_tightness lies in [0, 1], L_relu (2 per layer) in [0, 2].
     delta0 = pre[0][1].mean()  # E(Delta_0): mean half-width of the (normalized) input box
     s = torch.stack([p[2] if len(p) > 2 else IntervalReLU.apply(*p[:2], True)[2] for p in pre[1:]])  # a row per layer
     m = len(s)
@@ -615,10 +590,8 @@ def eps_at(step, steps_per_epoch, eps_target, start, length):
     # The smoothed per-batch eps schedule (SPEC 5): 0, then a*(b - init)^4 up to a quarter of the
     # ramp (where it reaches eps_target / 13 with the slope of the line that follows), then linear.
     init, final = (start - 1) * steps_per_epoch, (start + length - 1) * steps_per_epoch
-    if step <= init:
-        return 0.0
-    if step >= final:
-        return eps_target
+    if step <= init or step >= final:  # before the ramp, or after it
+        return 0.0 if step <= init else eps_target
     mid = init + int(0.25 * (final - init))
     t = mid - init
     mid_eps = eps_target * t / (4 * (final - mid) + t)  # a * t^4 with a = eps_target / (t^3 (4 (final - mid) + t))
@@ -737,13 +710,6 @@ def atomic_save(obj, path):
     os.replace(tmp, path)  # atomic on POSIX: the old file stays whole until the new one is
 
 
-def truncate_log(path, last_epoch):
-    # Keep the complete records of log.jsonl up to last_epoch (a torn last line, from a kill, is dropped).
-    lines = open(path).read().splitlines() if os.path.exists(path) else []
-    with open(path, 'w') as f:
-        f.writelines(l + '\n' for l in lines if l.endswith('}') and json.loads(l)['epoch'] <= last_epoch)
-
-
 def format_record(r):  # the fixed-format epoch line
     return (f"ep {r['epoch']:3d} | eps {r['eps']:.5f} lam {r['lam']:.3f} lr {r['lr']:.1e} | loss {r['loss']:.4f} "
             f"Ltight {r['l_tightness']:.4f} Lrelu {r['l_relu']:.4f} | relu act {r['active']:.2f} inact {r['inactive']:.2f} "
@@ -831,7 +797,10 @@ def train(cfg):
     log_path = os.path.join(cfg.out_dir, 'log.jsonl')
     if rank == 0:  # only rank 0 prints, logs and saves
         os.makedirs(cfg.out_dir, exist_ok=True)
-        truncate_log(log_path, start_epoch - 1)  # exactly the epochs the checkpoint holds
+        # log.jsonl keeps exactly the epochs the checkpoint holds (a torn last line, from a kill, is dropped)
+        lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
+        with open(log_path, 'w') as f:
+            f.writelines(l + '\n' for l in lines if l.endswith('}') and json.loads(l)['epoch'] < start_epoch)
     x_train, y_train = data['train']
     n, bs = len(y_train), cfg.batch_size
     steps = n // bs if 0 < n % bs < world else math.ceil(n / bs)  # every rank gets a non-empty shard
@@ -928,7 +897,6 @@ def benchmark(cfg):
         c = dataclasses.replace(cfg, method='ours' if ours else 'vanilla', ibp_init=ours, reg_tightness=ours, reg_relu=ours)
         model, opt, bounds = prepare(c, dev, info)
         forward = torch.compile(model.train()) if cfg.compile else model.train()  # compiled like the bounds, if asked
-
         # (a) is a plain training step: forward, cross-entropy, backward, clipping, Adam.
         def clean(forward=forward, model=model, opt=opt):
             opt.zero_grad(set_to_none=True)

@@ -309,23 +309,6 @@ def test_interval_relu_at_the_kinks_follows_relu_and_the_strict_masks():
     close(r.grad, [5.5, 0.0, 10.0, 0.0])
 
 
-def test_interval_linear_matches_autograd_of_the_formula():
-    """The clean-and-centre matmul and the radius matmul |W| r with their hand-written weight gradient
-    W -> sign(W) * (g_r^T r) + g^T [x; c]; gradcheck and the plain formula."""
-    g = torch.Generator().manual_seed(9)
-    xc, r = torch.randn(6, 5, generator=g, dtype=D), torch.rand(3, 5, generator=g, dtype=D)
-    w, b = torch.randn(4, 5, generator=g, dtype=D), torch.randn(4, generator=g, dtype=D)
-    g_z, g_r = torch.randn(6, 4, generator=g, dtype=D), torch.randn(3, 4, generator=g, dtype=D)
-    for bias in (b, None):
-        args = [a.requires_grad_() for a in (xc, r, w, bias) if a is not None]
-        f = lambda *a: ibp.IntervalLinear.apply(*a, *[None][:4 - len(a)])
-        assert torch.autograd.gradcheck(f, args)
-        mine = torch.autograd.grad(f(*args), args, (g_z, g_r))
-        oracle = torch.autograd.grad((F.linear(xc, w, bias), F.linear(r, w.abs())), args, (g_z, g_r))
-        for a, o in zip(mine, oracle):
-            close(a, o)
-
-
 @pytest.mark.parametrize('shape', [(6, 3), (4, 3, 5, 5)])
 def test_train_batch_norm_matches_autograd_of_the_formula_and_nn_batchnorm(shape):
     """TrainBatchNorm returns BN(h) and its map (w, b) with the gradients of the plain formula
