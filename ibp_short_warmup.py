@@ -21,12 +21,11 @@ Commands (defaults per dataset follow the paper and the authors' release; see `-
     python ibp_short_warmup.py --eval-checkpoint runs/X/last.pt       # certify a saved model
     python ibp_short_warmup.py --benchmark --batch-size 64            # ms per step: clean, vanilla IBP, ours
 
-Expected results (IBP-verified error, the paper's CNN-7 numbers; not yet reproduced by us on a
-GPU): CIFAR-10 eps 8/255 160 epochs 65.58% (standard 51.72%), 70 epochs 68.81%; MNIST eps 0.4
-11.03% (standard 2.33%); TinyImageNet eps 1/255 82.36%. The paper's CIFAR-10 CNN-7 epoch takes
-64 s on one RTX 2080 Ti. Measured here on a 2-core Xeon CPU (no GPU): a CNN-7 step at batch 64
-takes 0.25 s clean, 0.75 s vanilla IBP, 0.78 s ours (3.09x clean; 2.76x with --compile);
-`--smoke` 8.5 s. See README.md.
+Expected results (IBP-verified error, the paper's CNN-7 numbers; not yet reproduced by us on a GPU):
+CIFAR-10 eps 8/255 160 epochs 65.58% (standard 51.72%), 70 epochs 68.81%; MNIST eps 0.4 11.03%
+(standard 2.33%); TinyImageNet eps 1/255 82.36%. The paper's CIFAR-10 CNN-7 epoch takes 64 s on one
+RTX 2080 Ti. Measured here on a 2-core Xeon CPU (no GPU): a CNN-7 step at batch 64 takes 0.28 s clean,
+0.86 s ours (3.08x clean; 2.74x with --compile, vanilla IBP 2.97x/2.76x); `--smoke` 8.5 s; see README.md.
 
 Outputs in --out-dir: one line per epoch on stdout, log.jsonl (the same records), last.pt (written
 atomically after every epoch; `--resume` continues from it), metrics.json (final result).
@@ -48,7 +47,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Numerical constants named once.
 EPS_FLOOR = 1e-6  # eps used for the regularizers' bounds while the scheduled eps is 0 (SPEC 4)
 DIV_GUARD = 1e-12  # keeps the ratios of Eq. (7) and (8) finite
 ATTACK_TOL = 1e-4  # margin by which an attack must beat a verified sample before it is a bug
