@@ -98,7 +98,7 @@ class Config:
     pgd_restarts: int = opt(1, 'PGD random restarts of the final attack')
     tf32: bool = opt(True, 'allow TF32 matmuls/convolutions in training on CUDA (never in certification)')
     channels_last: typing.Optional[bool] = opt(None, 'channels-last memory format (default: on for CUDA)')
-    compile: bool = opt(False, 'torch.compile the bound computation: fused element-wise passes, 20-35 s of compilation first')
+    compile: bool = opt(False, 'torch.compile the bound computation: fused element-wise passes, 20-40 s of compilation first')
     benchmark: bool = opt(False, 'time clean / vanilla IBP / ours training steps on synthetic data and exit')
     benchmark_steps: int = opt(20, 'timed steps per benchmark variant')
     diagnose_init: bool = opt(False, 'print the per-layer difference gains at initialization (Figure 1, Eq. 6) and exit')
@@ -363,11 +363,11 @@ class IntervalReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, c, r, sums):
         u, l = c + r, c - r
-        active = torch.gt(l, 0, out=torch.empty_like(c))  # float masks: bool ones are 2-3x slower here
+        active = torch.gt(l, 0, out=torch.empty_like(c)) if sums or any(ctx.needs_input_grad) else None  # float: bool 2-3x slower
         inactive = torch.lt(u, 0, out=torch.empty_like(c)) if sums else None
         up = u.relu_()
         c2 = torch.lerp(up, l.relu_(), 0.5)
-        s = m = c.new_empty(0)  # no sums (certification)
+        s = m = c.new_empty(0)  # no sums, and without gradients no mask either (certification)
         if sums:
             order = sorted(range(c.dim()), key=lambda i: -c.stride(i))  # memory order (channels-last too)
             flat = lambda t: t.permute(order).reshape(-1)
