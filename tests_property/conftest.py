@@ -18,7 +18,8 @@ if importlib.util.find_spec('ibp_short_warmup') is None:  # respect a module alr
 torch.set_num_threads(1)  # tiny networks: one thread is as fast, and the machine is shared
 
 _common = dict(deadline=None, derandomize=bool(os.environ.get('CI')), print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.filter_too_much])
 settings.register_profile('fast', max_examples=25, **_common)
 settings.register_profile('thorough', max_examples=300, **_common)
 settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'fast'))

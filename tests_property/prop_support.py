@@ -2,7 +2,8 @@
 
 Nothing here copies ibp_short_warmup: the oracle for a bound is a plain PyTorch forward pass of a
 copy of the model (every BN in eval mode, the train-mode ones frozen to the clean batch's mean and
-biased variance, computed here by hand), evaluated at points of the input box.
+biased variance, computed here by hand), evaluated at points of the input box. The tolerance
+table and the regularizer oracle live in oracles.py (shared with test_ibp.py).
 """
 import copy
 import dataclasses
@@ -14,16 +15,8 @@ import torch.nn as nn
 from hypothesis import strategies as st
 
 import ibp_short_warmup as M
+from oracles import FD, TOL, tol_of  # noqa: F401 (the property tests use them through P)
 
-# Tolerances, named once per dtype. A value may leave its bounds by at most
-# atol + rtol * (largest |centre| + radius of its layer) + rtol_net * (the same, largest over the
-# whole network): rounding met upstream (e.g. radii of 1e9 behind BN layers with a zero batch
-# variance, whose c + r then cancels at a ReLU) reaches later, smaller layers. Equalities use the
-# same numbers.
-TOL = {
-    torch.float64: dict(rtol=1e-9, atol=1e-10, rtol_net=1e-13),
-    torch.float32: dict(rtol=1e-4, atol=1e-5, rtol_net=1e-5),
-}
 BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -38,14 +31,9 @@ def cancellation_ok(oracle, dtype):
     return oracle.worst_cv <= MAX_CV[dtype]
 
 
-def tol_of(dtype, scale=0.0, net_scale=0.0):
-    t = TOL[dtype]
-    return t['atol'] + t['rtol'] * float(scale) + t['rtol_net'] * float(net_scale)
-
-
 def net_scale(bounds):
     """Largest |centre| + radius over a list of boxes (c, r)."""
-    return max((c.abs() + r).max().item() for c, r, *_ in bounds)
+    return max((c.abs() + r).max().item() for c, r in bounds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,7 +79,8 @@ def _divisors(n):
 
 
 def _conv(draw, cin, hw, odd_same=False, stride=None, cout=None):
-    """A Conv2d with drawn groups, kernel, stride, padding, dilation that fits the spatial size hw."""
+    """A Conv2d with drawn groups, kernel, stride, padding, dilation that fits the spatial size
+    hw."""
     if cout is None:
         groups = draw(st.sampled_from(_divisors(cin)))
         cout = groups * draw(st.integers(1, 3))
@@ -125,7 +114,8 @@ def small_nets(draw, allow_flat=True):
     if flat:
         in_shape = shape = (draw(st.integers(1, 6)),)
     else:
-        in_shape = shape = (draw(st.integers(1, 3)), draw(st.integers(3, 7)), draw(st.integers(3, 7)))
+        in_shape = shape = (draw(st.integers(1, 3)), draw(st.integers(3, 7)),
+                            draw(st.integers(3, 7)))
         if draw(st.booleans()):
             mean = torch.rand(shape[0], generator=g).tolist()
             std = (torch.rand(shape[0], generator=g) * 0.9 + 0.1).tolist()
@@ -161,7 +151,8 @@ def small_nets(draw, allow_flat=True):
     feat = shape[0]
     for _ in range(draw(st.integers(1 if flat else 0, 2))):  # hidden Linear [BN1d] ReLU
         h = draw(st.integers(1, 6))
-        layers += [nn.Linear(feat, h)] + ([nn.BatchNorm1d(h)] if draw(st.booleans()) else []) + [nn.ReLU()]
+        bn = [nn.BatchNorm1d(h)] if draw(st.booleans()) else []
+        layers += [nn.Linear(feat, h)] + bn + [nn.ReLU()]
         feat = h
     classes = draw(st.integers(2, 4))
     layers.append(nn.Linear(feat, classes))
@@ -184,12 +175,14 @@ def family_nets(draw, dtype=None, widths=(1 / 64, 1 / 32, 1 / 16), big_widths=(1
     if big:
         shape, width = (3, 64, 64), draw(st.sampled_from(big_widths))
     else:
-        shape = (draw(st.sampled_from([1, 3])), draw(st.sampled_from([4, 8])), draw(st.sampled_from([4, 8])))
+        shape = (draw(st.sampled_from([1, 3])), draw(st.sampled_from([4, 8])),
+                 draw(st.sampled_from([4, 8])))
         width = draw(st.sampled_from(widths))
     classes = draw(st.integers(2, 5))
     init = draw(st.booleans())
     g = torch.Generator().manual_seed(seed)
-    info = dict(shape=shape, classes=classes, mean=tuple(torch.rand(shape[0], generator=g).tolist()),
+    info = dict(shape=shape, classes=classes,
+                mean=tuple(torch.rand(shape[0], generator=g).tolist()),
                 std=tuple((torch.rand(shape[0], generator=g) * 0.4 + 0.1).tolist()))
     name, _, bn = family.partition('/')
     cfg = M.Config(model=name, bn=bn or 'full', width=width, ibp_init=init)
@@ -202,7 +195,8 @@ def family_nets(draw, dtype=None, widths=(1 / 64, 1 / 32, 1 / 16), big_widths=(1
     dtype = draw(st.sampled_from([torch.float64, torch.float32])) if dtype is None else dtype
     model = model.to(dtype)
     model.train(draw(st.booleans()))
-    return Net(model, shape, classes, seed, f'{family} width {width} init {"ibp" if init else "default"} ({params}) {dtype}')
+    what = f'{family} width {width} init {"ibp" if init else "default"} ({params}) {dtype}'
+    return Net(model, shape, classes, seed, what)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +208,7 @@ def frozen_copy(model, x):
     batch x. The copy is then a pointwise function, the one the bounds must enclose."""
     oracle = copy.deepcopy(model)
     hooks = []
-    oracle.worst_cv = 0.0  # largest |mean| / std of a channel at a train-mode BN (see cancellation_ok)
+    oracle.worst_cv = 0.0  # largest |mean| / std of a channel at a train-mode BN (cancellation_ok)
 
     def freeze(bn, inputs):
         t = inputs[0]
@@ -256,12 +250,14 @@ def layer_values(model, points):
 
 
 def box_points(c, r, g, vertices=8, uniform=8):
-    """(S, N, ...) points of the boxes [c - r, c + r]: the centre, random vertices, uniform points."""
+    """(S, N, ...) points of the boxes [c - r, c + r]: the centre, random vertices, uniform
+    points."""
     pts = [c]
     for _ in range(vertices):
         pts.append(c + r * (torch.randint(0, 2, c.shape, generator=g) * 2 - 1).to(c.dtype))
     for _ in range(uniform):
-        pts.append(c + r * (torch.rand(c.shape, generator=g, dtype=torch.float64) * 2 - 1).to(c.dtype))
+        u = torch.rand(c.shape, generator=g, dtype=torch.float64) * 2 - 1
+        pts.append(c + r * u.to(c.dtype))
     return torch.stack(pts)
 
 
@@ -274,7 +270,8 @@ def attack_points(oracle, c, r, bounds, g, restarts=2, steps=5, margin_of=None):
     found = []
     for _ in range(restarts):
         p = c + r * (torch.rand(c.shape, generator=g, dtype=torch.float64) * 2 - 1).to(c.dtype)
-        signs = [(torch.randint(0, 2, bc.shape, generator=g) * 2 - 1).to(c.dtype) for bc, _ in bounds]
+        signs = [(torch.randint(0, 2, bc.shape, generator=g) * 2 - 1).to(c.dtype)
+                 for bc, _ in bounds]
         for it in range(steps + 1):
             found.append(p.detach())
             if it == steps:
@@ -302,7 +299,8 @@ def values_at(oracle, pts):
 
 
 def excess(values, c, r):
-    """How far the values (S, N, ...) leave the box [c - r, c + r] (N, ...), and the layer's scale."""
+    """How far the values (S, N, ...) leave the box [c - r, c + r] (N, ...), and the layer's
+    scale."""
     lo, up = c - r, c + r
     return torch.maximum(lo - values, values - up).max().item(), (c.abs() + r).max().item()
 
@@ -310,10 +308,12 @@ def excess(values, c, r):
 def assert_inside(values, c, r, what, net=0.0):
     e, scale = excess(values, c, r)
     assert e <= tol_of(c.dtype, scale, net), \
-        f'{what}: a point lies {e:.3g} outside its bounds (layer scale {scale:.3g}, network scale {net:.3g})'
+        f'{what}: a point lies {e:.3g} outside its bounds (layer scale {scale:.3g}, ' \
+        f'network scale {net:.3g})'
 
 
 def assert_close(a, b, what, scale=None, net=0.0):
     scale = max(a.abs().max().item(), b.abs().max().item()) if scale is None else scale
     d = (a - b).abs().max().item()
-    assert d <= tol_of(a.dtype, scale, net), f'{what}: differs by {d:.3g} (scale {scale:.3g}, network scale {net:.3g})'
+    assert d <= tol_of(a.dtype, scale, net), \
+        f'{what}: differs by {d:.3g} (scale {scale:.3g}, network scale {net:.3g})'

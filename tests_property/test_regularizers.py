@@ -1,6 +1,7 @@
-"""Warmup regularizers (paper Sec. 3.3.3, Eq. 7 and 8; SPEC 4) on arbitrary bounds.
+"""Warmup regularizers (paper Sec. 3.3.3, Eq. 7 and 8) on arbitrary bounds and on real ones.
 
-The oracle is the paper's formulas written out in plain Python floats (float64), layer by layer.
+The oracle is the paper's formulas written out in plain Python floats (float64), layer by layer:
+oracles.regularizer_oracle, shared with test_ibp.py.
 """
 import math
 
@@ -9,8 +10,9 @@ from hypothesis import assume, given, strategies as st
 
 import ibp_short_warmup as M
 import prop_support as P
+from oracles import regularizer_oracle
 
-SHAPES = [(), (3,), (2, 2), (2, 1, 3)]  # per-example shapes of a layer (the batch dimension is added)
+SHAPES = [(), (3,), (2, 2), (2, 1, 3)]  # per-example shapes of a layer (plus the batch dimension)
 taus = st.floats(0.01, 1.0)
 # Upper ends: each ReLU(.) term of Eq. (7) and (8) lies in [0, tau]; L_tightness sums m of them,
 # L_relu 2m (one for alpha, one for beta), both divided by tau m.
@@ -20,13 +22,14 @@ TIGHT_MAX, RELU_MAX = 1.0, 2.0
 def check_range(lt, lr):
     for name, v, top in [('L_tightness', lt, TIGHT_MAX), ('L_relu', lr, RELU_MAX)]:
         assert torch.isfinite(v), f'{name} = {v}'
-        assert -P.tol_of(v.dtype) <= v.item() <= top + P.tol_of(v.dtype, top), f'{name} = {v.item()} outside [0, {top}]'
+        assert -P.tol_of(v.dtype) <= v.item() <= top + P.tol_of(v.dtype, top), \
+            f'{name} = {v.item()} outside [0, {top}]'
 
 
 @st.composite
 def pre_lists(draw, dtype=torch.float64, max_layers=4):
-    """pre = [(c_0, r_0), ..., (c_m, r_m)]: random shapes, signs and scales (1e-3 .. 1e3), radii >= 0
-    with exact zeros, so that layers have active, inactive and unstable neurons in any mix."""
+    """pre = [(c_0, r_0), ..., (c_m, r_m)]: random shapes, signs and scales (1e-3 .. 1e3), radii
+    >= 0 with exact zeros, so that layers have active, inactive and unstable neurons in any mix."""
     n = draw(st.integers(1, 3))
     m = draw(st.integers(1, max_layers))
     pre = []
@@ -38,45 +41,18 @@ def pre_lists(draw, dtype=torch.float64, max_layers=4):
         c = draw(st.lists(num, min_size=size, max_size=size))
         r = draw(st.lists(num.map(abs), min_size=size, max_size=size))
         rscale = draw(st.sampled_from([1e-3, 0.3, 1.0]))
-        pre.append((torch.tensor(c, dtype=dtype).view(shape) * scale, torch.tensor(r, dtype=dtype).view(shape) * scale * rscale))
+        pre.append((torch.tensor(c, dtype=dtype).view(shape) * scale,
+                    torch.tensor(r, dtype=dtype).view(shape) * scale * rscale))
     return pre
 
 
-def oracle(pre, tau):
-    """Eq. (7) and (8) with the SPEC's guard E(Delta_i) >= 1e-12; also every ratio the constraints
-    ask to be >= tau: E(Delta_0)/E(Delta_i), min(alpha, 1/alpha), min(beta, 1/beta); the smallest
-    denominator of alpha and beta (to set aside degenerate ones); per layer the fractions of active
-    (l > 0), inactive (u < 0) and unstable neurons."""
-    flat = [([float(v) for v in c.flatten()], [float(v) for v in r.flatten()]) for c, r, *_ in pre]
-    d0 = sum(flat[0][1]) / len(flat[0][1])
-    tight, relu, ratios, smallest, states = 0.0, 0.0, [], math.inf, []
-    for c, r in flat[1:]:
-        di = sum(r) / len(r)
-        ratio = d0 / max(di, 1e-12)
-        ratios.append(ratio)
-        tight += max(0.0, tau - ratio)
-        act = [i for i in range(len(c)) if c[i] - r[i] > 0]
-        inact = [i for i in range(len(c)) if c[i] + r[i] < 0]
-        states.append([len(act) / len(c), len(inact) / len(c), 1 - (len(act) + len(inact)) / len(c)])
-        if act and inact:
-            mu = sum(c) / len(c)
-            pairs = [(sum(c[i] for i in act), -sum(c[i] for i in inact)),
-                     (sum((c[i] - mu) ** 2 for i in act), sum((c[i] - mu) ** 2 for i in inact))]
-            for p, q in pairs:
-                smallest = min(smallest, max(p, q))
-                ratio = min(p / q, q / p) if p > 0 and q > 0 else 0.0  # min(alpha, 1/alpha)
-                ratios.append(ratio)
-                relu += max(0.0, tau - ratio)
-    m = len(flat) - 1
-    return tight / (tau * m), relu / (tau * m), ratios, smallest, states
-
-
 def assert_matches_oracle(pre, tau):
-    """warmup_regularizers against the oracle: the ReLU-state fractions always, L_tightness and L_relu
-    where no ratio is degenerate."""
-    tight, relu, _, smallest, states = oracle(pre, tau)
+    """warmup_regularizers against the oracle: the ReLU-state fractions always, L_tightness and
+    L_relu where no ratio is degenerate."""
+    tight, relu, _, smallest, states = regularizer_oracle(pre, tau)
     lt, lr, st_ = M.warmup_regularizers(pre, tau)
-    P.assert_close(st_, torch.tensor(states, dtype=st_.dtype), 'active/inactive/unstable fractions', scale=1.0)
+    P.assert_close(st_, torch.tensor(states, dtype=st_.dtype), 'active/inactive/unstable fractions',
+                   scale=1.0)
     assume(smallest > 1e-9)
     P.assert_close(lt, torch.tensor(tight, dtype=torch.float64), 'L_tightness', scale=1.0)
     P.assert_close(lr, torch.tensor(relu, dtype=torch.float64), 'L_relu', scale=1.0)
@@ -94,20 +70,22 @@ def test_regularizers_lie_in_0_1_and_are_finite_with_finite_gradients(pre, tau):
     """For any bounds and tau in (0, 1]: every ReLU(.) term lies in [0, tau], so after the factor
     1/(tau m) L_tightness (m terms) lies in [0, 1] and L_relu (2m terms: alpha and beta) in
     [0, 2] (RELU_MAX); no nan or inf, and finite gradients for every centre and radius."""
-    pre = [(c.clone().requires_grad_(True), r.clone().requires_grad_(True)) for c, r, *_ in pre]
+    pre = [(c.clone().requires_grad_(True), r.clone().requires_grad_(True)) for c, r in pre]
     lt, lr, _ = M.warmup_regularizers(pre, tau)
     check_range(lt, lr)
     (lt + lr).backward()
     for i, (c, r) in enumerate(pre):
         for t in (c, r):
-            assert t.grad is None or torch.isfinite(t.grad).all(), f'non-finite gradient at pre[{i}]'
+            assert t.grad is None or torch.isfinite(t.grad).all(), \
+                f'non-finite gradient at pre[{i}]'
 
 
 @given(pre=pre_lists(), data=st.data())
 def test_regularizers_vanish_exactly_when_every_ratio_is_within_tau_and_only_then(pre, data):
-    """With tau just below every constrained ratio (tau <= E(Delta_0)/E(Delta_i), tau <= alpha, beta
-    <= 1/tau) both regularizers are exactly 0; with tau just above the smallest one, one is > 0."""
-    _, _, ratios, smallest, _ = oracle(pre, 1.0)
+    """With tau just below every constrained ratio (tau <= E(Delta_0)/E(Delta_i), tau <= alpha,
+    beta <= 1/tau) both regularizers are exactly 0; with tau just above the smallest one, one is
+    > 0."""
+    _, _, ratios, smallest, _ = regularizer_oracle(pre, 1.0)
     low = min(ratios)
     assume(smallest > 1e-9 and 1e-2 < low)
     tau = min(1.0, low) * (1 - 1e-3)
@@ -126,13 +104,16 @@ def test_regularizers_are_exactly_zero_on_balanced_bounds(n, m, data):
     inactive) neuron at all; the input box is wide enough that E(Delta_0)/E(Delta_i) > tau."""
     tau = data.draw(st.one_of(st.just(1.0), taus), label='tau')
     dyadic = st.integers(1, 64).map(lambda k: k / 8)
+    kinds = st.sampled_from(['balanced', 'balanced', 'no inactive', 'no active'])
     pre, balanced = [], []
     for _ in range(m):
         a = torch.tensor(data.draw(st.lists(dyadic, min_size=1, max_size=4), label='active'))
         u = torch.tensor(data.draw(st.lists(dyadic, max_size=3), label='unstable'))
-        kind = data.draw(st.sampled_from(['balanced', 'balanced', 'no inactive', 'no active']), label='layer')
-        c = torch.cat([a, -a, u, -u]) if kind == 'balanced' else (1 if kind == 'no inactive' else -1) * a
-        r = torch.cat([a / 2, a / 2, 2 * u, 2 * u]) if kind == 'balanced' else a / 2
+        kind = data.draw(kinds, label='layer')
+        if kind == 'balanced':
+            c, r = torch.cat([a, -a, u, -u]), torch.cat([a / 2, a / 2, 2 * u, 2 * u])
+        else:
+            c, r = (1 if kind == 'no inactive' else -1) * a, a / 2
         c, r = c.repeat(n, 1), r.repeat(n, 1)
         if (c - r > 0).any() and (c + r < 0).any():
             balanced.append((c, r))
@@ -156,34 +137,37 @@ def test_tightness_is_1_when_the_input_box_is_a_point(pre, tau):
     P.assert_close(lt, torch.tensor(1.0, dtype=lt.dtype), 'L_tightness', scale=1.0)
 
 
-@given(net=P.family_nets(dtype=torch.float32), eps=st.floats(1e-6, 0.3), tau=taus, seed=st.integers(0, 2 ** 16))
-def test_regularizers_on_real_bounds_lie_in_0_1_with_finite_parameter_gradients(net, eps, tau, seed):
-    """On the pre list that ibp_margins collects from a model family: both in range (see above),
-    finite, and finite gradients for every parameter."""
+def real_bounds(net, eps, seed, dtype):
+    """The pre list that ibp_margins collects from a model family on a random batch of 3."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(3, *net.shape, generator=g)
+    x = torch.rand(3, *net.shape, generator=g, dtype=torch.float64).to(dtype)
     y = torch.randint(0, net.classes, (3,), generator=g)
     pre = []
     M.ibp_margins(net.model, x, y, eps, pre)
     n_relu = sum(isinstance(m, torch.nn.ReLU) for m in net.model.modules())
     assert len(pre) == n_relu + 1, 'pre holds the input box and one box per ReLU'
-    lt, lr, _ = M.warmup_regularizers(pre, tau)
+    assert all(len(p) == 2 for p in pre), 'every entry of pre is a box (c, r)'
+    return pre
+
+
+@given(net=P.family_nets(dtype=torch.float32), eps=st.floats(1e-6, 0.3), tau=taus,
+       seed=st.integers(0, 2 ** 16))
+def test_regularizers_on_real_bounds_lie_in_0_1_with_finite_parameter_gradients(net, eps, tau,
+                                                                                 seed):
+    """On the boxes of a model family: both in range (see above), finite, and finite gradients for
+    every parameter."""
+    lt, lr, _ = M.warmup_regularizers(real_bounds(net, eps, seed, torch.float32), tau)
     check_range(lt, lr)
     (lt + lr).backward()
     for name, p in net.model.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), f'non-finite gradient of {name}'
 
 
-@given(net=P.family_nets(dtype=torch.float64), eps=st.floats(1e-6, 0.3), tau=taus, seed=st.integers(0, 2 ** 16))
-def test_sums_collected_in_the_ibp_pass_give_the_paper_formulas(net, eps, tau, seed):
-    """Training takes the regularizers' sums from the interval ReLU of the IBP pass itself, not from
-    the boxes afterwards: on a model family's real bounds they give what the oracle computes from
-    those boxes."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(3, *net.shape, generator=g, dtype=torch.float64)
-    y = torch.randint(0, net.classes, (3,), generator=g)
-    pre = []
+@given(net=P.family_nets(dtype=torch.float64), eps=st.floats(1e-6, 0.3), tau=taus,
+       seed=st.integers(0, 2 ** 16))
+def test_regularizers_on_real_bounds_match_the_oracle(net, eps, tau, seed):
+    """On the boxes that ibp_margins collects from a model family (float64, BN in train or eval
+    mode), warmup_regularizers equals the oracle computed from those same boxes."""
     with torch.no_grad():
-        M.ibp_margins(net.model, x, y, eps, pre)
-    assert all(len(p) == 3 for p in pre[1:]), 'every ReLU box carries its sums'
+        pre = real_bounds(net, eps, seed, torch.float64)
     assert_matches_oracle(pre, tau)

@@ -1,6 +1,7 @@
-"""Schedules (SPEC 4 and 5, paper Sec. 3.4): eps per batch, lambda from eps, the LR per epoch.
+"""Schedules (paper Sec. 3.4 and 4.1): eps per batch, lambda from eps, the LR per epoch.
 
-Oracles: the SPEC's description. eps is 0 up to batch init = (start - 1) L, a (b - init)^4 up to
+Oracles: the schedules as the paper and the authors' release describe them. eps is 0 up to batch
+init = (start - 1) L, a (b - init)^4 up to
 a quarter of the ramp, then linear, eps_target from final = (start + length - 1) L on;
 lambda = lambda_0 (1 - eps / eps_target); the LR is multiplied by lr_decay after each milestone.
 """
@@ -34,13 +35,16 @@ def test_eps_schedule_shape(ramp):
     quarter = init + (final - init) / 4
     poly = [b for b in range(init + 1, final) if 2 * b - init < quarter]
     for b in poly:
-        assert math.isclose(eps[2 * b - init], 16 * eps[b], rel_tol=REL), f'not quartic at batch {b}'
+        assert math.isclose(eps[2 * b - init], 16 * eps[b], rel_tol=REL), \
+            f'not quartic at batch {b}'
     lin = [b for b in range(math.ceil(quarter), final - 1)]
     for b in lin:
-        assert math.isclose(eps[b + 2] - eps[b + 1], eps[b + 1] - eps[b], rel_tol=REL, abs_tol=REL * target), \
+        assert math.isclose(eps[b + 2] - eps[b + 1], eps[b + 1] - eps[b], rel_tol=REL,
+                            abs_tol=REL * target), \
             f'not linear at batch {b}'
     if (final - init) % 4 == 0 and final > init:
-        assert math.isclose(eps[int(quarter)], target / 13, rel_tol=REL), 'the polynomial part does not end at eps_target/13'
+        assert math.isclose(eps[int(quarter)], target / 13, rel_tol=REL), \
+            'the polynomial part does not end at eps_target/13'
 
 
 @given(ramp=ramps, lam0=st.floats(0, 2))
@@ -49,7 +53,8 @@ def test_lambda_follows_eps_from_lambda0_to_0(ramp, lam0):
     lambda_0 at eps = 0, 0 at eps_target, non-increasing in the batch, and linear in eps."""
     spe, start, length, target = ramp
     final = (start + length - 1) * spe
-    lams = [M.lam_at(M.eps_at(b, spe, target, start, length), target, lam0) for b in range(final + spe + 1)]
+    lams = [M.lam_at(M.eps_at(b, spe, target, start, length), target, lam0)
+            for b in range(final + spe + 1)]
     assert all(0 <= v <= lam0 for v in lams), 'lambda outside [0, lambda_0]'
     assert all(a >= b for a, b in zip(lams, lams[1:])), 'lambda increases'
     assert M.lam_at(0.0, target, lam0) == lam0 and M.lam_at(target, target, lam0) == 0
@@ -67,4 +72,5 @@ def test_lr_decays_after_each_milestone(lr, decay, epochs, marks):
     for e, v in zip(range(1, epochs + 1), lrs):
         assert math.isclose(v, lr * decay ** sum(m < e for m in marks), rel_tol=REL), f'epoch {e}'
     assert M.lr_at(1, cfg) == lr
-    assert math.isclose(M.lr_at(max(marks, default=0) + 1, cfg), lr * decay ** len(marks), rel_tol=REL)
+    assert math.isclose(M.lr_at(max(marks, default=0) + 1, cfg), lr * decay ** len(marks),
+                        rel_tol=REL)

@@ -1,0 +1,96 @@
+"""The tolerance table and the regularizer oracle shared by test_ibp.py and the property tests.
+
+Nothing here copies ibp_short_warmup: the regularizer oracle is the paper's Eq. (7) and (8)
+written out in plain Python floats, neuron by neuron; the tolerances say how far a value computed
+by the code may be from its oracle, per dtype.
+"""
+import math
+
+import torch
+
+# ---- Tolerances, named once ------------------------------------------------------------------
+# A value may differ from its oracle (or leave its bounds) by at most
+# atol + rtol * (its scale, e.g. the largest |centre| + radius of its layer)
+#      + rtol_net * (the same, largest over the whole network): rounding met upstream (radii of
+# 1e9 behind a BN layer with a zero batch variance, whose c + r then cancels at a ReLU) reaches
+# later, smaller layers. float64 is used for everything worked by hand or compared with a plain
+# forward pass; float32 only where the code itself runs in float32 (training, certification).
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-10, rtol_net=1e-13),
+    torch.float32: dict(rtol=1e-4, atol=1e-5, rtol_net=1e-5),
+}
+
+# Finite differences of the whole training objective (torch.autograd.gradcheck, float64): the step
+# and the tolerances of gradcheck's comparison. No bound of a ReLU input (nor a clean ReLU input,
+# a ratio of Eq. (7)/(8) against tau or 1) may lie within KINK_MARGIN of its kink, so that a step
+# never crosses one.
+FD = dict(eps=1e-6, atol=1e-5, rtol=1e-3)
+KINK_MARGIN = 100 * FD['eps']
+
+# Weight statistics at initialization (Sec. 3.3.1): a statistic of k i.i.d. weights may be Z of
+# its standard errors away from its expectation.
+Z = 5.0
+HALF_NORMAL_CV = math.sqrt(math.pi / 2 - 1)  # sd / mean of |N(0, s^2)|
+UNIFORM_ABS_CV = 1 / math.sqrt(3)  # sd / mean of |U(-a, a)|
+GAIN_TOL = 0.15  # relative, a measured difference gain E(Delta_i)/E(Delta_{i-1}) (noise < 3%)
+GAIN_EQ6_TOL = 0.05  # relative, Eq. (6)'s n/2 E|W| of >= 432 drawn weights vs its expectation
+PARAM_COUNT_TOL = 0.01  # relative, a model's parameter count vs the one quoted to 3 digits
+
+
+def tol_of(dtype, scale=0.0, net_scale=0.0):
+    """The allowed difference for values of magnitude `scale` (a number or a tensor)."""
+    t = TOL[dtype]
+    return t['atol'] + t['rtol'] * scale + t['rtol_net'] * net_scale
+
+
+def abs_mean_tol(k, cv=HALF_NORMAL_CV):
+    """Relative deviation allowed for the mean |W| of k i.i.d. weights (cv = sd / mean of |W|)."""
+    return Z * cv / math.sqrt(k)
+
+
+def mean_tol(sigma, k):
+    """Absolute deviation allowed for the mean of k i.i.d. zero-mean weights of sd sigma."""
+    return Z * sigma / math.sqrt(k)
+
+
+def std_tol(k, kurtosis=3.0):
+    """Relative deviation allowed for the sample standard deviation of k i.i.d. weights (Z standard
+    errors; kurtosis 3 for a normal distribution, 1.8 for a uniform one)."""
+    return Z * math.sqrt((kurtosis - 1) / (4 * k))
+
+
+# ---- Warmup regularizers, Eq. (7) and (8) ----------------------------------------------------
+DIV_GUARD = 1e-12  # E(Delta_i) is taken as at least this (the paper leaves 0 / 0 undefined)
+
+
+def regularizer_oracle(pre, tau):
+    """Eq. (7) and (8) on the boxes pre = [(c_0, r_0), ..., (c_m, r_m)] (pre[0] the normalized input
+    box, pre[i] the box at the input of ReLU layer i; each pooled over the batch and the layer),
+    in Python floats. Returns (L_tightness, L_relu, ratios, smallest, states): every ratio the
+    constraints ask to be >= tau (E(Delta_0)/E(Delta_i), min(alpha, 1/alpha), min(beta, 1/beta));
+    the smallest denominator of alpha and beta (to set degenerate ones aside); per layer the
+    fractions of active (l > 0), inactive (u < 0) and unstable neurons (Figure 2). A layer's ReLU
+    term counts only when it has both active and inactive neurons."""
+    flat = [([float(v) for v in c.flatten()], [float(v) for v in r.flatten()]) for c, r in pre]
+    d0 = sum(flat[0][1]) / len(flat[0][1])
+    tight, relu, ratios, smallest, states = 0.0, 0.0, [], math.inf, []
+    for c, r in flat[1:]:
+        di = sum(r) / len(r)
+        ratio = d0 / max(di, DIV_GUARD)
+        ratios.append(ratio)
+        tight += max(0.0, tau - ratio)
+        act = [i for i in range(len(c)) if c[i] - r[i] > 0]
+        inact = [i for i in range(len(c)) if c[i] + r[i] < 0]
+        states.append([len(act) / len(c), len(inact) / len(c),
+                       1 - (len(act) + len(inact)) / len(c)])
+        if act and inact:
+            mu = sum(c) / len(c)
+            pairs = [(sum(c[i] for i in act), -sum(c[i] for i in inact)),
+                     (sum((c[i] - mu) ** 2 for i in act), sum((c[i] - mu) ** 2 for i in inact))]
+            for p, q in pairs:
+                smallest = min(smallest, max(p, q))
+                ratio = min(p / q, q / p) if p > 0 and q > 0 else 0.0  # min(alpha, 1/alpha)
+                ratios.append(ratio)
+                relu += max(0.0, tau - ratio)
+    m = len(flat) - 1
+    return tight / (tau * m), relu / (tau * m), ratios, smallest, states
