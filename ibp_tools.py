@@ -197,6 +197,17 @@ RUNTIME_FIELDS = {'resume', 'device', 'data_dir', 'out_dir', 'epochs', 'eval_che
                   'benchmark', 'benchmark_steps', 'diagnose_init', 'progress'}
 
 
+def truncate_log(path, start_epoch):
+    # log.jsonl keeps exactly the epochs of the checkpoint (a torn last line, from a kill, is
+    # dropped), rewritten atomically: an interrupted resume loses no line.
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    keep = [s + '\n' for s in lines if s.endswith('}') and json.loads(s)['epoch'] < start_epoch]
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(cfg, model, opt, dev):
     # Resume from OUT_DIR/last.pt: (first epoch to run, best validation error, wall seconds).
     # Only the runtime flags (RUNTIME_FIELDS) may differ from the run being continued.
@@ -209,6 +220,9 @@ def load_checkpoint(cfg, model, opt, dev):
     if not os.path.exists(path):
         raise ibp.UserError(f'--resume: no checkpoint at {path}')
     ck = read_checkpoint(path, dev)
+    missing = {'optimizer', 'epoch', 'best', 'wall'} - set(ck)  # best.pt, say, cannot resume
+    if missing:
+        raise ibp.UserError(f'--resume: {path} is not a last.pt (no {", ".join(sorted(missing))})')
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, like the saved one
     saved = json.loads(json.dumps(ck['config']))
     diff = [k for k, v in saved.items() if k not in RUNTIME_FIELDS and v != now.get(k)]
@@ -222,7 +236,12 @@ def load_checkpoint(cfg, model, opt, dev):
 
 # ---- Certify a saved checkpoint, benchmark the step, diagnose the initialization ------------
 def eval_checkpoint(cfg):
-    # Certify a saved model at its eps_target (or --eps), with its own config.
+    # Certify a saved model at its eps_target (or --eps), with its own config. Its flags skip
+    # resolve, so the ones used here are checked here.
+    if (cfg.eps is not None and cfg.eps <= 0) or cfg.pgd_steps < 0 or cfg.pgd_restarts < 1 \
+            or cfg.test_size < 0:
+        raise ibp.UserError('--eps must be > 0, --pgd-steps and --test-size >= 0, '
+                            '--pgd-restarts >= 1')
     dev = ibp.setup_device(cfg)
     ck = read_checkpoint(cfg.eval_checkpoint, dev)
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in ck['config'].items()}

@@ -127,7 +127,7 @@ def fig_init_bounds(plt, runs):
 
 
 def relu_panels(plt, title):
-    # Figure 2's three panels: active (lower bound >= 0), inactive (upper <= 0), unstable
+    # Figure 2's three panels: active (lower bound > 0), inactive (upper < 0), unstable
     fig, axes = plt.subplots(1, 3, figsize=(8, 3), sharey=True, layout='constrained')
     for ax, state in zip(axes, STATES):
         ax.set(title=state, xlabel='epoch')

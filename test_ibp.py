@@ -1923,6 +1923,9 @@ def write_bad_checkpoint(kind, path, real, marker, other=None):
         torch.save(ck, path)
     elif kind == 'other_flags':
         shutil.copyfile(os.path.join(other, 'last.pt'), path)
+    elif kind == 'no_optimizer':  # a model-only file (like best.pt) where --resume needs last.pt
+        ck = torch.load(real, weights_only=True)
+        torch.save(dict(model=ck['model'], config=ck['config'], epoch=ck['epoch']), path)
     else:
         assert kind == 'missing', kind
 
@@ -1960,7 +1963,18 @@ def test_eval_checkpoint_refuses_a_bad_file_with_one_line(kind, tiny_run, tmp_pa
     assert tree_digest(tmp_path) == before
 
 
-RESUME_BAD = EVAL_BAD + ['other_flags']
+@pytest.mark.parametrize('flags', [['--eps', '-0.5'], ['--eps', '0'], ['--pgd-restarts', '0'],
+                                   ['--pgd-steps', '-1']])
+def test_eval_checkpoint_checks_its_flags(flags, tiny_run, capsys):
+    """--eval-checkpoint skips resolve: a negative eps would give negative radii and a false
+    certificate, no restart a traceback. Each is one line and exit 2 instead."""
+    args = ['--eval-checkpoint', str(tiny_run / 'last.pt'), '--device', 'cpu', *flags]
+    rc, err = main_stderr(args, capsys)
+    assert rc == 2
+    single_error_line(err, names=flags[0])
+
+
+RESUME_BAD = EVAL_BAD + ['other_flags', 'no_optimizer']
 
 
 @pytest.mark.parametrize('kind', RESUME_BAD)
@@ -1977,6 +1991,8 @@ def test_resume_refuses_a_bad_last_pt_with_one_line(kind, tiny_run, other_run, t
     line = single_error_line(err, names=path)
     if kind == 'other_flags':
         assert 'width' in line  # the flag that differs
+    if kind == 'no_optimizer':
+        assert 'optimizer' in line
     assert not marker.exists()
     assert tree_digest(tmp_path) == before
 
