@@ -654,7 +654,7 @@ def evaluate(model, data, eps, batch_size=256, pgd_steps=0, pgd_restarts=1, seed
             with torch.no_grad():
                 logits, lb = ibp_margins(model, x, y, eps, pre)
             ver, wrong = verified(lb, y), logits.argmax(1) != y
-            changed, near = y.new_zeros(()), ver & False
+            changed, near = y.new_zeros(()), torch.zeros_like(ver)  # nothing to re-check yet
             if recheck:  # |c| + r of the last ReLU's box bounds the classifier's input
                 c, r = pre[-1]
                 last = model[-1]
@@ -771,8 +771,8 @@ def train(cfg):
         ibp_tools.truncate_log(log_path, start_epoch)  # to the epochs that last.pt holds
     x_train, y_train = data['train']
     n, bs = len(y_train), cfg.batch_size
-    last = n % bs  # a last batch too small for every rank and chunk is dropped
-    steps = n // bs if 0 < last < world * cfg.accum_steps else math.ceil(n / bs)
+    tail = n % bs  # a last batch too small to give every rank and chunk a sample is dropped
+    steps = n // bs if 0 < tail < world * cfg.accum_steps else math.ceil(n / bs)
     ramp_end = cfg.eps_start + cfg.eps_length - 1
     use_reg = cfg.reg_tightness or cfg.reg_relu
     epoch_s, warned = None, False  # seconds of the last whole epoch, for the ETA
@@ -783,8 +783,8 @@ def train(cfg):
         model.train()
         lr = lr_at(epoch, cfg)
         opt.param_groups[0]['lr'] = lr
-        gen = torch.Generator(dev).manual_seed(cfg.seed * 100_003 + epoch)  # the epoch's own
-        perm = torch.randperm(n, generator=gen, device=dev)  # on the device: no host sync
+        gen = torch.Generator(dev).manual_seed(cfg.seed * 100_003 + epoch)  # the epoch's seed
+        perm = torch.randperm(n, generator=gen, device=dev)  # drawn on the device: no host sync
         sums, flags = {}, []
         for i in range(steps):
             eps = eps_at((epoch - 1) * steps + i, steps, cfg.eps, cfg.eps_start, cfg.eps_length)
