@@ -19,15 +19,15 @@ Commands (each dataset's defaults follow the paper and the authors' release; see
     python ibp_short_warmup.py --dataset cifar10 --method vanilla  # the vanilla IBP baseline
     python ibp_short_warmup.py --eval-checkpoint runs/X/last.pt    # certify a saved model
 
-Expected results, IBP-verified error of CNN-7 (the paper's; not yet reproduced by us on a GPU):
-CIFAR-10 eps 8/255: 65.58% after 160 epochs (standard 51.72%), 68.81% after 70; MNIST eps 0.4:
-11.03% (standard 2.33%); TinyImageNet eps 1/255: 82.36%. The paper's CIFAR-10 epoch takes 64 s
-on one RTX 2080 Ti. Measured on a 2-core AMD EPYC CPU, no GPU (README.md has the commands):
-`--smoke` trains to 0% verified error in seconds; a narrow CNN-7 on 10,000 MNIST images, 8 epochs
-at eps 0.1, reaches 9.5% verified error in under two minutes.
+Expected results, IBP-verified error of CNN-7 (the paper's, on one RTX 2080 Ti; not yet
+reproduced by us on a GPU): CIFAR-10 eps 8/255 65.58% after 160 epochs (64 s an epoch), 68.81%
+after 70; MNIST eps 0.4 11.03%; TinyImageNet eps 1/255 82.36%. On a 2-core CPU (README.md):
+`--smoke` reaches 0% in seconds; a narrow CNN-7 on 10,000 MNIST images, 8 epochs at eps 0.1,
+about 9.5% in under two minutes.
 
-Outputs in --out-dir: log.jsonl (a record per epoch, also printed), last.pt (atomically after
-every epoch; `--resume` continues from it) and metrics.json (the final result).
+Outputs in --out-dir: log.jsonl (a record per epoch, also printed), last.pt (after every epoch;
+`--resume` continues from it), metrics.json (the result). This file imports nothing of its
+repository; ibp_tools.py (benchmark, init diagnosis) and plot_runs.py import it.
 """
 import argparse
 import contextlib
@@ -36,18 +36,19 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import sys
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
-import ibp_tools  # beside this file: reading files, progress, benchmark, init diagnosis
-
-EPS_FLOOR = 1e-6  # eps of the regularizers' box while the scheduled eps is still 0
+EPS_FLOOR = 1e-6  # eps of the bounds where the scheduled eps is exactly 0 (the regularizers' box)
 DIV_GUARD = 1e-12  # keeps the ratios of Eq. (7) and Eq. (8) finite
 ATTACK_TOL = 1e-4  # how far (relative to the logits) an attack must beat a verified margin
 RECHECK_REL = 0.05  # float32 IBP's error relative to the classifier's terms: below 1e-6 (README)
@@ -101,6 +102,28 @@ def ibp_conv(conv, bn, x, c, r):
         bias = b if bias is None else w * bias + b
     args = conv.stride, conv.padding, conv.dilation, conv.groups
     return h, F.conv2d(c, weight, bias, *args), F.conv2d(r, weight.abs(), None, *args)  # Eq. (3)
+
+
+# The two modules of the models (below) that need interval rules of their own:
+class Normalize(nn.Module):
+    # Per-channel (x - mean) / std inside the model, so that eps stays in pixel units.
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer('std', torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class Residual(nn.Module):
+    # branch(x) + shortcut(x); the ReLU after the sum is the next module of the Sequential.
+    def __init__(self, branch, shortcut):
+        super().__init__()
+        self.branch, self.shortcut = branch, shortcut
+
+    def forward(self, x):
+        return self.branch(x) + self.shortcut(x)
 
 
 def ibp_forward(module, x, c, r, pre=None):
@@ -165,27 +188,6 @@ def verified(lb, y):
 
 
 # ==== Models with BN after every affine layer (Sec. 3.3.2, Sec. 4.1) ==========================
-class Normalize(nn.Module):
-    # Per-channel (x - mean) / std inside the model, so that eps stays in pixel units.
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer('std', torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
-class Residual(nn.Module):
-    # branch(x) + shortcut(x); the ReLU after the sum is the next module of the Sequential.
-    def __init__(self, branch, shortcut):
-        super().__init__()
-        self.branch, self.shortcut = branch, shortcut
-
-    def forward(self, x):
-        return self.branch(x) + self.shortcut(x)
-
-
 def scaled(channels, width, factor=1):
     return max(1, round(channels * width * factor))
 
@@ -316,8 +318,11 @@ def warmup_regularizers(pre, tau):
         alpha = min_ratio((c * active).sum(), -(c * inactive).sum())
         beta = min_ratio((d2 * active).sum(), (d2 * inactive).sum())
         n_active, n_inactive = active.sum(), inactive.sum()
-        both = (n_active > 0) & (n_inactive > 0)  # Eq. (8) needs both kinds in the layer
-        relu.append(torch.where(both, F.relu(tau - alpha) + F.relu(tau - beta), 0))  # Eq. (8)
+        # A one-sided layer (all stable neurons active, or all inactive) has alpha = 0 or infinity,
+        # so min(alpha, 1/alpha) = 0 and each term is tau: min_ratio gives 0 there. Only a layer
+        # with neither kind has alpha = 0/0, undefined: it adds nothing.
+        either = (n_active > 0) | (n_inactive > 0)
+        relu.append(torch.where(either, F.relu(tau - alpha) + F.relu(tau - beta), 0))  # Eq. (8)
         counts.append(torch.stack([n_active, n_inactive]) / c.numel())
     m = len(pre) - 1
     l_tightness = torch.stack(tight).sum() / (tau * m)  # Eq. (7)
@@ -336,10 +341,11 @@ def robust_loss(lb):
 def batch_loss(model, x, y, eps, lam, cfg):
     # The objective of one batch, Eq. (10), and detached statistics for the log. At eps = 0 the
     # data loss is the ordinary cross-entropy and the bounds use EPS_FLOOR, so that the
-    # regularizers see a non-empty box; at eps > 0 the loss is purely robust, Eq. (9).
-    # One IBP pass gives the margins of Eq. (9) and the boxes of Eq. (7) and Eq. (8).
+    # regularizers see a non-empty box; at any eps > 0, however small, the scheduled eps itself
+    # and a purely robust loss, Eq. (9). One IBP pass gives the margins of Eq. (9) and the boxes
+    # of Eq. (7) and Eq. (8).
     pre = []
-    logits, lb = ibp_margins(model, x, y, max(eps, EPS_FLOOR), pre)
+    logits, lb = ibp_margins(model, x, y, eps if eps > 0 else EPS_FLOOR, pre)
     l_rob = F.cross_entropy(logits, y) if eps == 0 else robust_loss(lb)  # Eq. (9)
     optimized = lam > 0 and (cfg.reg_tightness or cfg.reg_relu)
     if not optimized:  # only logged: no graph for them
@@ -396,15 +402,18 @@ def lr_at(epoch, cfg):
 
 
 # ==============================================================================================
-# Plumbing: config and CLI, data, evaluation, checkpoints and logs, the training loop with its
-# distributed variant, and main. ibp_tools.py, beside this file, reads dataset and checkpoint files
-# and holds the progress line, --eval-checkpoint, --benchmark and --diagnose-init.
+# Plumbing: config and CLI, device and data, evaluation, checkpoints and logs, certifying a saved
+# model, the training loop with its distributed parts, and main.
 # ==============================================================================================
 class UserError(Exception):
     """Bad input, a missing resource or a diverged run: one line on stderr, exit code 2."""
 
 
-def opt(default, help, **kw):
+def first_line(e):
+    return f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+
+
+def flag(default, help, **kw):  # a Config field and its --flag's help text
     return field(default=default, metadata=dict(help=help, **kw))
 
 
@@ -432,47 +441,44 @@ SMOKE = dict(dataset='synthetic', model='cnn7', width=0.125, epochs=6, eps_start
 
 @dataclass
 class Config:  # every field is a --flag; None: the dataset's or the method's default (resolve)
-    dataset: str = opt('cifar10', 'dataset', choices=list(DATASETS))
-    model: str = opt('cnn7', 'model family', choices=['cnn7', 'wide_resnet', 'resnext'])
-    method: str = opt('ours', 'ours: IBP init + regularizers', choices=['ours', 'vanilla'])
-    bn: str = opt('full', 'CNN-7 BN (Table 4)', choices=['full', 'conv', 'none'])
-    ibp_init: Opt[bool] = opt(None, '[paper] IBP initialization, Sec. 3.3.1 (default: on for ours)')
-    reg_tightness: Opt[bool] = opt(None, '[paper] L_tightness, Eq. (7) (default: on for ours)')
-    reg_relu: Opt[bool] = opt(None, '[paper] L_relu, Eq. (8) (default: on for ours)')
-    eps: Opt[float] = opt(None, 'eps_target: L-inf radius in pixels [0, 1], train and test')
-    epochs: Opt[int] = opt(None, 'total epochs')
-    eps_start: Opt[int] = opt(None, 'first epoch of the eps ramp (1-based; eps = 0 before it)')
-    eps_length: Opt[int] = opt(None, 'length of the eps ramp in epochs')
-    lr: float = opt(5e-4, 'Adam learning rate')
-    lr_decay: float = opt(0.2, 'LR factor at each milestone')
-    lr_milestones: Opt[Ints] = opt(None, 'epochs after which the LR decays')
-    batch_size: Opt[int] = opt(None, 'global batch size')
-    accum_steps: Opt[int] = opt(None, 'gradient accumulation chunks per batch (BN per chunk)')
-    grad_clip: float = opt(10.0, 'gradient-norm clipping')
-    tau: float = opt(0.5, '[paper] tau, the tolerance of both regularizers, 0 < tau <= 1')
-    lam0: Opt[float] = opt(None, '[paper] lambda_0, the initial regularizer weight of Eq. (10)')
-    width: float = opt(1.0, 'width multiplier of every model (e.g. 0.125: a CPU-sized CNN-7)')
-    seed: int = opt(0, 'random seed (init, batch order, augmentation, attack)')
-    device: str = opt('auto', "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    data_dir: str = opt('data', 'where datasets are found or downloaded to')
-    out_dir: Opt[str] = opt(None, 'output folder (default: runs/DATASET_MODEL_METHOD_sSEED)')
-    resume: bool = opt(False, 'continue the run in --out-dir from its last.pt')
-    train_size: int = opt(0, 'a fixed random subset of this many training images (0: all)')
-    test_size: int = opt(0, 'a fixed random subset of this many test images (0: all)')
-    val_size: int = opt(0, 'hold out this many training images to pick best.pt')
-    synthetic_shape: Ints = opt((3, 32, 32), 'C H W of the synthetic dataset')
-    synthetic_classes: int = opt(10, 'classes of the synthetic dataset')
-    eval_checkpoint: Opt[str] = opt(None, 'certify this checkpoint (standard, PGD, verified error)')
-    pgd_steps: int = opt(20, 'PGD steps of the final attack (0: no attack)')
-    pgd_restarts: int = opt(1, 'PGD random restarts of the final attack')
-    tf32: bool = opt(True, 'TF32 matmuls/convolutions in training on CUDA (never to certify)')
-    channels_last: Opt[bool] = opt(None, 'channels-last memory format (default: on for CUDA)')
-    compile: bool = opt(False, 'torch.compile the bounds and the loss (20-40 s to compile)')
-    progress: Opt[bool] = opt(None, 'progress line with ETA (default: when stdout is a terminal)')
-    benchmark: bool = opt(False, 'time clean / vanilla IBP / ours training steps and exit')
-    benchmark_steps: int = opt(20, 'timed steps per benchmark variant')
-    diagnose_init: bool = opt(False, 'difference gains at initialization (Figure 1, Eq. (6))')
-    smoke: bool = opt(False, 'preset: synthetic data, narrow CNN-7, 6 epochs (CPU, seconds)')
+    dataset: str = flag('cifar10', 'dataset', choices=list(DATASETS))
+    model: str = flag('cnn7', 'model family', choices=['cnn7', 'wide_resnet', 'resnext'])
+    method: str = flag('ours', 'ours: IBP init + regularizers', choices=['ours', 'vanilla'])
+    bn: str = flag('full', 'CNN-7 BN (Table 4)', choices=['full', 'conv', 'none'])
+    ibp_init: Opt[bool] = flag(None, '[paper] IBP initialization, Sec. 3.3.1 (default: on for ours)')
+    reg_tightness: Opt[bool] = flag(None, '[paper] L_tightness, Eq. (7) (default: on for ours)')
+    reg_relu: Opt[bool] = flag(None, '[paper] L_relu, Eq. (8) (default: on for ours)')
+    eps: Opt[float] = flag(None, 'eps_target: L-inf radius in pixels [0, 1], train and test')
+    epochs: Opt[int] = flag(None, 'total epochs')
+    eps_start: Opt[int] = flag(None, 'first epoch of the eps ramp (1-based; eps = 0 before it)')
+    eps_length: Opt[int] = flag(None, 'length of the eps ramp in epochs')
+    lr: float = flag(5e-4, 'Adam learning rate')
+    lr_decay: float = flag(0.2, 'LR factor at each milestone')
+    lr_milestones: Opt[Ints] = flag(None, 'epochs after which the LR decays')
+    batch_size: Opt[int] = flag(None, 'global batch size')
+    accum_steps: Opt[int] = flag(None, 'gradient accumulation chunks per batch (BN per chunk)')
+    grad_clip: float = flag(10.0, 'gradient-norm clipping')
+    tau: float = flag(0.5, '[paper] tau, the tolerance of both regularizers, 0 < tau <= 1')
+    lam0: Opt[float] = flag(None, '[paper] lambda_0, the initial regularizer weight of Eq. (10)')
+    width: float = flag(1.0, 'width multiplier of every model (e.g. 0.125: a CPU-sized CNN-7)')
+    seed: int = flag(0, 'random seed (init, batch order, augmentation, attack)')
+    device: str = flag('auto', "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    data_dir: str = flag('data', 'where datasets are found or downloaded to')
+    out_dir: Opt[str] = flag(None, 'output folder (default: runs/DATASET_MODEL_METHOD_sSEED)')
+    resume: bool = flag(False, 'continue the run in --out-dir from its last.pt')
+    train_size: int = flag(0, 'a fixed random subset of this many training images (0: all)')
+    test_size: int = flag(0, 'a fixed random subset of this many test images (0: all)')
+    val_size: int = flag(0, 'hold out this many training images to pick best.pt')
+    synthetic_shape: Ints = flag((3, 32, 32), 'C H W of the synthetic dataset')
+    synthetic_classes: int = flag(10, 'classes of the synthetic dataset')
+    eval_checkpoint: Opt[str] = flag(None, 'certify this checkpoint (standard, PGD, verified error)')
+    pgd_steps: int = flag(20, 'PGD steps of the final attack (0: no attack)')
+    pgd_restarts: int = flag(1, 'PGD random restarts of the final attack')
+    tf32: bool = flag(True, 'TF32 matmuls/convolutions in training on CUDA (never to certify)')
+    channels_last: Opt[bool] = flag(None, 'channels-last memory format (default: on for CUDA)')
+    compile: bool = flag(False, 'torch.compile the bounds and the loss (20-40 s to compile)')
+    progress: Opt[bool] = flag(None, 'progress line with ETA (default: when stdout is a terminal)')
+    smoke: bool = flag(False, 'preset: synthetic data, narrow CNN-7, 6 epochs (CPU, seconds)')
 
 
 def dataset_info(cfg):
@@ -552,7 +558,28 @@ def parse_args(argv=None):
     return Config(**{**(SMOKE if given.get('smoke') else {}), **given})
 
 
-# ---- Data: whole datasets as uint8 tensors on the training device, augmented there -----------
+# ---- Device and data: whole datasets as uint8 tensors on the training device -----------------
+def setup_device(cfg):
+    name = cfg.device
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'cuda':  # torchrun sets LOCAL_RANK: one GPU per process
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    try:
+        dev = torch.device(name)
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f'--device {cfg.device}: {first_line(e)}') from None
+    if cfg.channels_last is None:  # cuDNN's preferred layout; on the CPU no faster when narrow
+        cfg.channels_last = dev.type == 'cuda'
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32  # training only: never to certify
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.benchmark = True
+    if dev.type == 'cuda':
+        torch.cuda.set_device(dev)
+    return dev
+
+
 def synthetic_images(n, shape, classes, seed):
     # A deterministic learnable dataset: one smooth random prototype per class plus pixel noise.
     g = torch.Generator().manual_seed(1234)  # the same prototypes for train and test
@@ -565,14 +592,86 @@ def synthetic_images(n, shape, classes, seed):
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
+@contextlib.contextmanager
+def quiet():  # torchvision's download messages would break the one-line output
+    with open(os.devnull, 'w') as null, contextlib.redirect_stdout(null), \
+            contextlib.redirect_stderr(null):
+        yield
+
+
+def tinyimagenet_data(root):
+    # The official tiny-imagenet-200 folder (train/WNID/images/*.JPEG, val/images/*.JPEG and
+    # val/val_annotations.txt; labels in wnids.txt's line order), decoded once into a uint8 cache
+    # beside it, which loads without unpickling code (weights_only).
+    base = os.path.join(root, 'tiny-imagenet-200')
+    cache = os.path.join(base, 'uint8_tensors.pt')
+    if os.path.exists(cache):
+        try:
+            (x, y), (xv, yv) = torch.load(cache, weights_only=True)
+            assert x.dtype == xv.dtype == torch.uint8 and len(x) == len(y) and len(xv) == len(yv)
+            return (x, y), (xv, yv)
+        except Exception:
+            raise UserError(f'{cache} is not a cache of this script: delete it to rebuild it')
+    if not os.path.isdir(base):
+        with quiet():
+            torchvision.datasets.utils.download_and_extract_archive(
+                'http://cs231n.stanford.edu/tiny-imagenet-200.zip', root)
+    load = torchvision.datasets.folder.pil_loader  # an RGB PIL image
+    to_tensor = torchvision.transforms.functional.pil_to_tensor  # uint8, C H W
+    try:
+        with open(os.path.join(base, 'wnids.txt')) as f:
+            label = {w: i for i, w in enumerate(f.read().split())}
+        with open(os.path.join(base, 'val', 'val_annotations.txt')) as f:
+            val = [line.split('\t')[:2] for line in f if line.strip()]
+        files = [[(os.path.join(base, 'train', w, 'images', name), label[w]) for w in label
+                  for name in sorted(os.listdir(os.path.join(base, 'train', w, 'images')))],
+                 [(os.path.join(base, 'val', 'images', name), label[w]) for name, w in val]]
+        data = [(torch.stack([to_tensor(load(p)) for p, _ in part]),
+                 torch.tensor([y for _, y in part])) for part in files]
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f'{base} is not a complete tiny-imagenet-200 folder '
+                        f'({first_line(e)})') from None
+    atomic_save(data, cache)
+    return data
+
+
+def read_dataset(name, root):
+    # ((x, y), (x, y)): the uint8 train and test images of a real dataset, and their labels;
+    # torchvision's datasets are downloaded (and MD5-checked) if absent.
+    socket.setdefaulttimeout(60)  # a download that hangs fails instead
+    tvd = torchvision.datasets
+    try:
+        if name == 'tinyimagenet':
+            return tinyimagenet_data(root)
+        cls, out = dict(mnist=tvd.MNIST, fashionmnist=tvd.FashionMNIST, cifar10=tvd.CIFAR10)[name], []
+        for train in (True, False):
+            with quiet():
+                try:
+                    ds = cls(root, train=train, download=False)
+                except Exception:  # absent: fetch it
+                    ds = cls(root, train=train, download=True)
+            x = torch.as_tensor(ds.data)
+            x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)  # MNIST NHW, CIFAR NHWC
+            out.append((x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)))
+        return out
+    except UserError:
+        raise
+    except Exception as e:
+        where = dict(tinyimagenet='tiny-imagenet-200/', cifar10='cifar-10-batches-py/',
+                     mnist='MNIST/raw/', fashionmnist='FashionMNIST/raw/')[name]
+        raise UserError(f'{name} is not in {os.path.abspath(root)} and could not be '
+                        f'downloaded ({type(e).__name__}); put {where} there or pass '
+                        '--data-dir') from None
+
+
 def load_data(cfg, device):
     # dict(train=(x, y), val=(x, y) or None, test=(x, y)): uint8 images and labels on `device`.
     if cfg.dataset == 'synthetic':
         shape, k = tuple(cfg.synthetic_shape), cfg.synthetic_classes
         train = synthetic_images(cfg.train_size, shape, k, 1)
         test = synthetic_images(cfg.test_size, shape, k, 2)
-    else:  # the files of a real dataset (downloaded if absent), read by ibp_tools.py
-        train, test = ibp_tools.read_dataset(cfg.dataset, cfg.data_dir)
+    else:
+        train, test = read_dataset(cfg.dataset, cfg.data_dir)
     g = torch.Generator().manual_seed(0)  # fixed subsets and split, the same for every seed
     perm = torch.randperm(len(train[1]), generator=g)
     val_idx, train_idx = perm[:cfg.val_size], perm[cfg.val_size:][:cfg.train_size or None]
@@ -692,28 +791,151 @@ def atomic_save(obj, path):
     os.replace(tmp, path)  # atomic on POSIX: the old file stays whole until the new one is
 
 
-# ---- Training loop, on one device or several (torchrun) ---------------------------------------
-def setup_device(cfg):
-    name = cfg.device
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if name == 'cuda':  # torchrun sets LOCAL_RANK: one GPU per process
-        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+def read_checkpoint(path, device):
+    # A checkpoint holds tensors and plain values only, so it loads with weights_only=True:
+    # unpickling a downloaded file can then run no code. Anything else is one clear line.
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: no such checkpoint file')
     try:
-        dev = torch.device(name)
-        torch.empty(1, device=dev)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f'--device {cfg.device}: {ibp_tools.first_line(e)}') from None
-    if cfg.channels_last is None:  # cuDNN's preferred layout; on the CPU no faster when narrow
-        cfg.channels_last = dev.type == 'cuda'
-    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32  # training only: never to certify
-    torch.backends.cudnn.allow_tf32 = cfg.tf32
-    torch.backends.cudnn.benchmark = True
-    if dev.type == 'cuda':
-        torch.cuda.set_device(dev)
-    return dev
+        with warnings.catch_warnings():  # torch warns about old pickle protocols: one line only
+            warnings.simplefilter('ignore')
+            ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        why = f'is not a readable checkpoint ({first_line(e)})'
+        if 'Weights only load failed' in str(e):
+            why = 'holds Python objects, refused: unpickling them could run code'
+        raise UserError(f'{path} {why}') from None
+    if not isinstance(ck, dict) or not isinstance(ck.get('config'), dict) or 'model' not in ck:
+        raise UserError(f'{path} is not a checkpoint of this script (no model and config)')
+    unknown = set(ck['config']) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise UserError(f'{path} is from an incompatible version ({sorted(unknown)})')
+    return ck
 
 
+def load_state(path, module, state):
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f'{path} does not fit this model ({first_line(e)})') from None
+
+
+# The flags that may differ between a run and its --resume: none of them changes the training.
+RUNTIME_FIELDS = {'resume', 'device', 'data_dir', 'out_dir', 'epochs', 'eval_checkpoint',
+                  'compile', 'tf32', 'channels_last', 'pgd_steps', 'pgd_restarts', 'smoke',
+                  'progress'}
+
+
+def load_checkpoint(cfg, model, opt, dev):
+    # Resume from OUT_DIR/last.pt: (first epoch to run, best validation error, wall seconds).
+    path = os.path.join(cfg.out_dir, 'last.pt')
+    if not cfg.resume:
+        if os.path.exists(path):
+            raise UserError(f'{cfg.out_dir} already holds a run: pass --resume to continue it, '
+                            'or another --out-dir')
+        return 1, float('inf'), 0.0
+    if not os.path.exists(path):
+        raise UserError(f'--resume: no checkpoint at {path}')
+    ck = read_checkpoint(path, dev)
+    missing = {'optimizer', 'epoch', 'best', 'wall'} - set(ck)  # best.pt, say, cannot resume
+    if missing:
+        raise UserError(f'--resume: {path} is not a last.pt (no {", ".join(sorted(missing))})')
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, like the saved one
+    saved = json.loads(json.dumps(ck['config']))
+    diff = [k for k, v in saved.items() if k not in RUNTIME_FIELDS and v != now.get(k)]
+    if diff:
+        raise UserError(f'--resume: {path} is from a run with other values of: ' + ', '.join(diff))
+    load_state(path, model, ck['model'])
+    load_state(path, opt, ck['optimizer'])
+    return ck['epoch'] + 1, ck['best'], ck['wall']
+
+
+def truncate_log(path, start_epoch):
+    # log.jsonl keeps exactly the epochs of the checkpoint (a torn last line, from a kill, is
+    # dropped), rewritten atomically: an interrupted resume loses no line.
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    keep = [s + '\n' for s in lines if s.endswith('}') and json.loads(s)['epoch'] < start_epoch]
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def eval_checkpoint(cfg):
+    # --eval-checkpoint: certify a saved model at its eps_target (or --eps), with its own config.
+    # Its flags skip resolve, so the ones used here are checked here.
+    if (cfg.eps is not None and cfg.eps <= 0) or cfg.pgd_steps < 0 or cfg.pgd_restarts < 1 \
+            or cfg.test_size < 0:
+        raise UserError('--eps must be > 0, --pgd-steps and --test-size >= 0, '
+                        '--pgd-restarts >= 1')
+    dev = setup_device(cfg)
+    ck = read_checkpoint(cfg.eval_checkpoint, dev)
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in ck['config'].items()}
+    saved = dataclasses.replace(Config(**config), device=cfg.device, data_dir=cfg.data_dir,
+                                test_size=cfg.test_size or config['test_size'],
+                                channels_last=False, compile=False)
+    model = build_model(saved, dataset_info(saved)).to(dev)
+    load_state(cfg.eval_checkpoint, model, ck['model'])
+    data = load_data(dataclasses.replace(saved, train_size=1, val_size=0), dev)
+    eps = cfg.eps if cfg.eps is not None else saved.eps
+    res = evaluate(model, data['test'], eps, pgd_steps=cfg.pgd_steps,
+                   pgd_restarts=cfg.pgd_restarts, seed=cfg.seed, recheck=True)
+    print(json.dumps(dict(checkpoint=cfg.eval_checkpoint, epoch=ck.get('epoch'), eps=eps, **res)))
+    return res
+
+
+# ---- What a run prints: the epoch line, progress and ETA, divergence --------------------------
+def format_record(r):  # the fixed-format epoch line
+    return (f"ep {r['epoch']:3d} | eps {r['eps']:.5f} lam {r['lam']:.3f} lr {r['lr']:.1e} | "
+            f"loss {r['loss']:.4f} Ltight {r['l_tightness']:.4f} Lrelu {r['l_relu']:.4f} | "
+            f"relu act {r['active']:.2f} inact {r['inactive']:.2f} unst {r['unstable']:.2f} | "
+            f"train err {r['train_err']:.4f} ver {r['train_ver_err']:.4f} | "
+            f"test err {r['test_err']:.4f} ver {r['test_ver_err']:.4f} | "
+            f"{r['img_per_s']:7.1f} img/s {r['seconds']:6.1f} s")
+
+
+def hms(seconds):
+    return f'{int(seconds // 3600)}:{time.strftime("%M:%S", time.gmtime(seconds))}'
+
+
+PROGRESS_AFTER, PROGRESS_EVERY = 10, 5  # seconds: the progress line, in long epochs only
+LONG_CPU_RUN = 3 * 3600  # seconds: a CPU run longer than this is worth a note
+
+
+def progress(cfg, dev, epoch, i, steps, t0, clock):
+    # After step i, the time left in the epoch and in the run (on a terminal), and once a note
+    # when a CPU run would take hours. clock: when the line was last shown, whether the note was
+    # given, the seconds of the last whole epoch (None in the first).
+    now = time.time()
+    if now - t0 < PROGRESS_AFTER or now - clock['shown'] < PROGRESS_EVERY:
+        return
+    per_step = (now - t0) / (i + 1)
+    left = per_step * (steps - i - 1)
+    left_run = left + (clock['epoch_s'] or per_step * steps) * (cfg.epochs - epoch)
+    if dev.type == 'cpu' and left_run > LONG_CPU_RUN and not clock['warned']:
+        print(f'note: this run takes about {hms(left_run + now - t0)} at this speed on the CPU; '
+              'try --smoke, or less: --width 0.25 --train-size 10000', flush=True)
+        clock['warned'] = True
+    if cfg.progress:
+        print(f'\r  ep {epoch} batch {i + 1}/{steps} | {cfg.batch_size / per_step:.1f} img/s | '
+              f'epoch left {hms(left)} | run left {hms(left_run)}  ', end='', flush=True)
+    clock['shown'] = now
+
+
+def check_finite(flags, epoch, steps, cfg):
+    # flags[step]: whether the step's loss, margin bounds or gradient norm were not finite. Stops
+    # the run before the epoch is logged or saved.
+    bad = flags.any(1).nonzero()
+    if len(bad):
+        step = bad[0, 0].item()
+        what = ['loss', 'margin bound', 'gradient norm'][flags[step].nonzero()[0, 0].item()]
+        eps = eps_at((epoch - 1) * steps + step, steps, cfg.eps, cfg.eps_start, cfg.eps_length)
+        kept = f'last.pt keeps epoch {epoch - 1}' if epoch > 1 else 'no epoch was saved'
+        raise UserError(f'training diverged at epoch {epoch}, step {step + 1} (eps {eps:.5f}): '
+                        f'non-finite {what}; {kept} (try a lower --lr)')
+
+
+# ---- Distributed (torchrun): process group, reductions, and which rank writes -----------------
 def setup_distributed(dev):
     # Under torchrun (WORLD_SIZE > 1): a process per device on torch.distributed. -> (rank, world)
     world = int(os.environ.get('WORLD_SIZE', 1))
@@ -724,6 +946,14 @@ def setup_distributed(dev):
     return torch.distributed.get_rank(), world
 
 
+def all_reduce(tensors, world):
+    # The epoch's sums over all ranks (each rank trained on its shard of every batch).
+    if world > 1:
+        for v in tensors:
+            torch.distributed.all_reduce(v)
+
+
+# ---- Training loop, on one device or several ---------------------------------------------------
 def prepare(cfg, dev, info, world=1):
     # The model, its Adam optimizer, and the Objective that training calls (DDP, compiled).
     torch.manual_seed(cfg.seed)
@@ -757,96 +987,70 @@ def train_step(objective, opt, x, y, eps, lam, cfg):
     return total
 
 
-def train(cfg):
-    dev = setup_device(cfg)
-    rank, world = setup_distributed(dev)
-    if cfg.progress is None:
-        cfg.progress = sys.stdout.isatty()
-    info, data = dataset_info(cfg), load_data(cfg, dev)
-    model, opt, objective = prepare(cfg, dev, info, world)
-    start_epoch, best, wall = ibp_tools.load_checkpoint(cfg, model, opt, dev)
-    log_path = os.path.join(cfg.out_dir, 'log.jsonl')
-    if rank == 0:  # only rank 0 prints, logs and saves
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        ibp_tools.truncate_log(log_path, start_epoch)  # to the epochs that last.pt holds
+def train_epoch(epoch, model, opt, objective, data, info, cfg, dev, rank, world, clock):
+    # One epoch of Sec. 3.4's schedule: the epoch's LR, then per batch eps on the smoothed ramp,
+    # lambda (nonzero only in the warmup: the regularizers' whole job) and the step.
+    # -> (the last batch's eps and lambda, the epoch's mean statistics, the batches' flags)
+    model.train()
+    opt.param_groups[0]['lr'] = lr_at(epoch, cfg)  # Sec. 3.4: step decay per epoch
     x_train, y_train = data['train']
-    n, bs = len(y_train), cfg.batch_size
+    n, bs, t0 = len(y_train), cfg.batch_size, time.time()
     tail = n % bs  # a last batch too small to give every rank and chunk a sample is dropped
     steps = n // bs if 0 < tail < world * cfg.accum_steps else math.ceil(n / bs)
     ramp_end = cfg.eps_start + cfg.eps_length - 1
-    use_reg = cfg.reg_tightness or cfg.reg_relu
-    epoch_s, warned = None, False  # seconds of the last whole epoch, for the ETA
-    # Per epoch the LR (step decay); per batch eps on the smoothed ramp and lambda, which is
-    # nonzero only in the warmup (the eps = 0 epochs and the ramp): the regularizers' whole job.
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0, shown = time.time(), 0.0  # shown: when the progress line was last printed
-        model.train()
-        lr = lr_at(epoch, cfg)
-        opt.param_groups[0]['lr'] = lr
-        gen = torch.Generator(dev).manual_seed(cfg.seed * 100_003 + epoch)  # the epoch's seed
-        perm = torch.randperm(n, generator=gen, device=dev)  # drawn on the device: no host sync
-        sums, flags = {}, []
-        for i in range(steps):
-            eps = eps_at((epoch - 1) * steps + i, steps, cfg.eps, cfg.eps_start, cfg.eps_length)
-            lam = 0.0
-            if use_reg and epoch <= ramp_end:  # [paper] Sec. 3.4: only during the warmup
-                lam = lam_at(eps, cfg.eps, cfg.lam0)
-            # The epoch's own generator draws the augmentation: a resumed run repeats it exactly.
-            idx = perm[i * bs:(i + 1) * bs]
-            x = x_train[idx].float() / 255
-            if info['pad']:
-                x = augment(x, info['pad'], gen)
-            x = to_input(x, cfg).tensor_split(world)[rank]  # this rank's shard of the batch
-            y = y_train[idx].tensor_split(world)[rank]
-            stats = train_step(objective, opt, x, y, eps, lam, cfg)
-            flags.append(stats.pop('nonfinite'))
-            for k, v in stats.items():  # summed on the device: no host sync inside the epoch
-                sums[k] = sums.get(k, 0) + v * len(y)
-            if rank == 0:  # in long epochs, what is left of the epoch and of the run
-                shown, warned = ibp_tools.progress(cfg, dev, epoch, i, steps, t0, shown, epoch_s,
-                                                   warned)
-        flags = torch.stack(flags)
-        if world > 1:
-            for v in [flags, *sums.values()]:
-                torch.distributed.all_reduce(v)
-        ibp_tools.check_finite(flags.cpu() > 0, epoch, steps, cfg)  # before anything is saved
-        sums = {k: (v / min(n, steps * bs)).tolist() for k, v in sums.items()}
-        train_s = time.time() - t0
-        if cfg.progress and shown:
-            print('\r' + ' ' * 100 + '\r', end='')  # clear the progress line
-        if rank > 0:
-            continue
-        test = evaluate(model, data['test'], eps)
-        states = torch.tensor(sums['relu'], dtype=torch.float64).mean(0).tolist()
-        rec = dict(epoch=epoch, eps=eps, lam=lam, lr=lr, loss=sums['loss'],
-                   l_tightness=sums['l_tightness'], l_relu=sums['l_relu'],
-                   train_err=sums['train_err'], train_ver_err=sums['train_ver_err'],
-                   **dict(zip(['active', 'inactive', 'unstable'], states)),
-                   relu_per_layer=sums['relu'], test_err=test['std_err'],
-                   test_ver_err=test['ver_err'], img_per_s=min(n, steps * bs) / train_s)
-        # Only whole epochs are logged and saved: after a crash, --resume repeats the epoch.
-        if data['val'] is not None:  # selection on held-out training data, never on the test set
-            val = evaluate(model, data['val'], cfg.eps)
-            rec.update(val_err=val['std_err'], val_ver_err=val['ver_err'])
-            if epoch >= ramp_end and val['ver_err'] < best:
-                best = val['ver_err']
-                atomic_save(dict(model=model.state_dict(), config=dataclasses.asdict(cfg),
-                                 epoch=epoch), os.path.join(cfg.out_dir, 'best.pt'))
-        epoch_s = time.time() - t0
-        rec['seconds'] = epoch_s
-        wall += epoch_s
-        print(ibp_tools.format_record(rec), flush=True)
-        if epoch == start_epoch and epoch < cfg.epochs:  # the ETA, on stdout only
-            ibp_tools.print_eta(cfg.epochs - epoch, epoch_s)
-        with open(log_path, 'a') as f:
-            f.write(json.dumps(rec) + '\n')
-        atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(),
-                         config=dataclasses.asdict(cfg), epoch=epoch, best=best, wall=wall),
-                    os.path.join(cfg.out_dir, 'last.pt'))
-    if rank > 0:  # wait for rank 0's final evaluation: tearing Gloo down first can abort
-        torch.distributed.barrier()
-        return None
-    # The final result: PGD as a check on the bounds, and a float64 re-check of every verdict.
+    gen = torch.Generator(dev).manual_seed(cfg.seed * 100_003 + epoch)  # the epoch's seed
+    perm = torch.randperm(n, generator=gen, device=dev)  # drawn on the device: no host sync
+    sums, flags = {}, []
+    for i in range(steps):
+        eps = eps_at((epoch - 1) * steps + i, steps, cfg.eps, cfg.eps_start, cfg.eps_length)
+        lam = 0.0
+        if (cfg.reg_tightness or cfg.reg_relu) and epoch <= ramp_end:  # [paper] Sec. 3.4
+            lam = lam_at(eps, cfg.eps, cfg.lam0)
+        idx = perm[i * bs:(i + 1) * bs]
+        x = x_train[idx].float() / 255
+        if info['pad']:  # the epoch's own generator: a resumed run repeats the augmentation
+            x = augment(x, info['pad'], gen)
+        x = to_input(x, cfg).tensor_split(world)[rank]  # torchrun: this rank's shard
+        y = y_train[idx].tensor_split(world)[rank]
+        stats = train_step(objective, opt, x, y, eps, lam, cfg)
+        flags.append(stats.pop('nonfinite'))
+        for k, v in stats.items():  # summed on the device: no host sync inside the epoch
+            sums[k] = sums.get(k, 0) + v * len(y)
+        if rank == 0:
+            progress(cfg, dev, epoch, i, steps, t0, clock)
+    flags = torch.stack(flags)
+    all_reduce([flags, *sums.values()], world)  # torchrun: the sums over all ranks
+    check_finite(flags.cpu() > 0, epoch, steps, cfg)  # before anything is saved
+    if cfg.progress and clock['shown'] > t0:
+        print('\r' + ' ' * 100 + '\r', end='')  # clear the progress line
+    seen = min(n, steps * bs)
+    sums = {k: (v / seen).tolist() for k, v in sums.items()}
+    return eps, lam, dict(sums, img_per_s=seen / (time.time() - t0))
+
+
+def epoch_record(epoch, eps, lam, stats, model, data, cfg, best):
+    # Evaluate, and the epoch's log record; best.pt by validation, never by the test set.
+    # -> (record, best validation verified error so far)
+    test = evaluate(model, data['test'], eps)  # float32 at the current eps (the final: below)
+    states = torch.tensor(stats['relu'], dtype=torch.float64).mean(0).tolist()
+    rec = dict(epoch=epoch, eps=eps, lam=lam, lr=lr_at(epoch, cfg), loss=stats['loss'],
+               l_tightness=stats['l_tightness'], l_relu=stats['l_relu'],
+               train_err=stats['train_err'], train_ver_err=stats['train_ver_err'],
+               **dict(zip(['active', 'inactive', 'unstable'], states)),
+               relu_per_layer=stats['relu'], test_err=test['std_err'],
+               test_ver_err=test['ver_err'], img_per_s=stats['img_per_s'])
+    if data['val'] is not None:
+        val = evaluate(model, data['val'], cfg.eps)
+        rec.update(val_err=val['std_err'], val_ver_err=val['ver_err'])
+        if epoch >= cfg.eps_start + cfg.eps_length - 1 and val['ver_err'] < best:
+            best = val['ver_err']
+            atomic_save(dict(model=model.state_dict(), config=dataclasses.asdict(cfg),
+                             epoch=epoch), os.path.join(cfg.out_dir, 'best.pt'))
+    return rec, best
+
+
+def final_evaluation(model, data, cfg, dev, world, wall):
+    # The result: PGD as a check on the bounds, and a float64 re-check of the verdicts.
     final = evaluate(model, data['test'], cfg.eps, pgd_steps=cfg.pgd_steps,
                      pgd_restarts=cfg.pgd_restarts, seed=cfg.seed, recheck=True)
     metrics = dict(final_epoch=cfg.epochs, eps=cfg.eps, **final, test_size=len(data['test'][1]),
@@ -857,7 +1061,46 @@ def train(cfg):
     print(f"final (epoch {cfg.epochs}, eps {cfg.eps:.5f}): standard error {final['std_err']:.4f}"
           f" |{pgd} verified error {final['ver_err']:.4f} | {wall:.1f} s | "
           f"{cfg.out_dir}/metrics.json")
-    if world > 1:
+    return metrics
+
+
+def train(cfg):
+    dev = setup_device(cfg)
+    rank, world = setup_distributed(dev)
+    if cfg.progress is None:
+        cfg.progress = sys.stdout.isatty()
+    info, data = dataset_info(cfg), load_data(cfg, dev)
+    model, opt, objective = prepare(cfg, dev, info, world)
+    start, best, wall = load_checkpoint(cfg, model, opt, dev)
+    log_path = os.path.join(cfg.out_dir, 'log.jsonl')
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        truncate_log(log_path, start)  # to the epochs that last.pt holds
+    clock = dict(shown=0.0, warned=False, epoch_s=None)  # for the progress line and the ETA
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.time()
+        eps, lam, stats = train_epoch(epoch, model, opt, objective, data, info, cfg, dev, rank,
+                                      world, clock)
+        if rank > 0:  # torchrun: only rank 0 evaluates, prints, logs and saves
+            continue
+        rec, best = epoch_record(epoch, eps, lam, stats, model, data, cfg, best)
+        clock['epoch_s'] = time.time() - t0
+        rec['seconds'] = clock['epoch_s']
+        wall += rec['seconds']
+        print(format_record(rec), flush=True)
+        if epoch == start and epoch < cfg.epochs:  # the ETA, after the first epoch
+            left = clock['epoch_s'] * (cfg.epochs - epoch)
+            end = time.strftime('%Y-%m-%d %H:%M', time.localtime(time.time() + left))
+            print(f'eta: the run ends around {end}, in about {hms(left)} (epochs left: '
+                  f'{cfg.epochs - epoch})', flush=True)
+        # Only whole epochs are logged and saved: after a crash, --resume repeats the epoch.
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(rec) + '\n')
+        atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(),
+                         config=dataclasses.asdict(cfg), epoch=epoch, best=best, wall=wall),
+                    os.path.join(cfg.out_dir, 'last.pt'))
+    metrics = final_evaluation(model, data, cfg, dev, world, wall) if rank == 0 else None
+    if world > 1:  # the other ranks wait for rank 0: tearing Gloo down first can abort
         torch.distributed.barrier()
     return metrics
 
@@ -866,15 +1109,10 @@ def train(cfg):
 def main(argv=None):
     try:
         cfg = parse_args(argv)
-        out_dir = cfg.out_dir  # as given, before resolve fills in the default
         if cfg.eval_checkpoint:  # with the checkpoint's own config
-            ibp_tools.eval_checkpoint(cfg)
-            return 0
-        cfg = resolve(cfg)
-        if cfg.benchmark or cfg.diagnose_init:
-            ibp_tools.main(cfg, out_dir)
+            eval_checkpoint(cfg)
         else:
-            train(cfg)
+            train(resolve(cfg))
         return 0
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
@@ -889,10 +1127,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    # Run main of the module that ibp_tools.py imports (this body ran once more as __main__):
-    # classes such as UserError are then the ones ibp_tools raises.
-    import ibp_short_warmup
-    code = ibp_short_warmup.main()
+    code = main()
     if int(os.environ.get('RANK', 0)) > 0:  # torchrun's other ranks skip the interpreter's
         sys.stdout.flush(), sys.stderr.flush()  # teardown: its C++ destructors can abort after Gloo
         os._exit(code)

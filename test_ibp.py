@@ -584,15 +584,23 @@ def test_regularizers_exact_value_by_hand():
            #   mean c = 0.75; dev 2.25^2 = 5.0625, 0.25^2 = 0.0625, 1.75^2 = 3.0625, 0.75^2 = 0.5625
            #   beta = (5.0625 + 0.0625) / 3.0625 = 1.6735 -> min = 0.5976 > tau -> 0
            (t([[3, 1], [-1, 0]]), t([[0.5, 0.5], [0.5, 0.5]])),
-           # layer 2: E(Delta_2) = 0.05: tightness ReLU(0.5 - 2) = 0; all active: relu term skipped
-           # (if counted it would add ReLU(0.5 - 0) + ReLU(0.5 - 0) = 1)
+           # layer 2: E(Delta_2) = 0.05: tightness ReLU(0.5 - 2) = 0; all active: no inactive
+           #   neuron, so alpha = p / 0 = infinity and min(alpha, 1/alpha) = 0, likewise beta:
+           #   Eq. (8) gives ReLU(0.5 - 0) + ReLU(0.5 - 0) = 1
            (t([[2, 1]]), t([[0.05, 0.05]])),
-           # layer 3: E(Delta_3) = 0.4: tightness ReLU(0.5 - 0.25) = 0.25; all inactive -> skipped
+           # layer 3: E(Delta_3) = 0.4: tightness ReLU(0.5 - 0.25) = 0.25; all inactive (dead):
+           #   alpha = 0 / q = 0, beta = 0: again 0.5 + 0.5 = 1
            (t([[-2, -1]]), t([[0.4, 0.4]]))]
     lt, lr, _ = warmup_regularizers(pre, tau)
     m = 3
     close(lt, (0.3 + 0 + 0.25) / (tau * m))  # 0.55 / 1.5
-    close(lr, 0.25 / (tau * m))  # 0.25 / 1.5
+    close(lr, (0.25 + 1 + 1) / (tau * m))  # 2.25 / 1.5
+    # A layer with no stable neuron at all (alpha = 0/0, undefined) adds nothing: layer 1 alone
+    # and layer 1 beside an all-unstable layer (c = 0, r = 1) give the same sum over m = 1 and 2.
+    lr1 = warmup_regularizers(pre[:2], tau)[1]
+    close(lr1, 0.25 / (tau * 1))
+    lr2 = warmup_regularizers(pre[:2] + [(t([[0.0, 0.0]]), t([[1.0, 1.0]]))], tau)[1]
+    close(lr2, 0.25 / (tau * 2))
     # ReLU states: layer 1 active 2/4, inactive 1/4, unstable 1/4; layer 2 all active; layer 3 all
     # inactive
     close(warmup_regularizers(pre, 0.5)[2].to(D), [[0.5, 0.25, 0.25], [1, 0, 0], [0, 1, 0]])
@@ -684,6 +692,27 @@ def test_batch_loss_objective_eq10_by_hand(tight, relu):
     close(loss, HAND_CE + 0.3 * (tight * HAND_TIGHT_0 + relu * HAND_RELU_0))
     close(stats['l_tightness'], HAND_TIGHT_0, F32)
     close(stats['l_relu'], HAND_RELU_0, F32)
+
+
+def robust_at(eps):
+    """Eq. (9) of the hand example at a small eps, from its boxes. Image 1 (0.95, 0.25), y = 0:
+    h0 = x0 - x1 in 0.7 +- 2 eps, h1 = 2 x0 + x1 - 2 in 0.15 +- 3 eps, both active; W' = C W =
+    (2, 1), b' = 0.5: lb = 2 (0.7 - 2 eps) + 0.15 - 3 eps + 0.5 = 2.05 - 7 eps. Image 2 (0.1, 0.1),
+    y = 1: h0 in [-2 eps, 2 eps], h1 inactive; W' = (-2, -1), b' = -0.5: lb = -0.5 - 4 eps."""
+    return (math.log1p(math.exp(-(2.05 - 7 * eps))) + math.log1p(math.exp(0.5 + 4 * eps))) / 2
+
+
+@pytest.mark.parametrize('eps', [1e-8, 5e-7])
+def test_eps_floor_only_where_the_scheduled_eps_is_zero(eps):
+    """The first batches of the smoothed ramp have 0 < eps < 1e-6: the bounds and the robust loss
+    use that eps itself. The 1e-6 floor exists only for eps = 0, where the data loss is the clean
+    cross-entropy and only the regularizers read the box (Sec. 3.4)."""
+    model, x, y = hand_objective_case()
+    cfg = Config(tau=0.5, reg_tightness=True, reg_relu=True)
+    loss, stats = ibp.batch_loss(model, x, y, eps, 0.0, cfg)
+    close(loss, robust_at(eps))
+    assert abs(robust_at(ibp.EPS_FLOOR) - robust_at(eps)) > 1e3 * TOL[D]['atol']  # tells apart
+    close(ibp.batch_loss(model, x, y, 0.0, 0.0, cfg)[0], HAND_CE)  # eps = 0: cross-entropy
 
 
 def test_objective_is_batch_loss_as_a_module():
@@ -971,9 +1000,9 @@ def test_progress_line_and_eta_go_to_stdout_never_to_the_log(tmp_path, monkeypat
     each epoch, the first included, prints a progress line with its batch count, img/s and the time
     left in the epoch and the run; the ETA line follows epoch 1 only; a CPU run predicted to take
     longer than LONG_CPU_RUN gets its note once. log.jsonl is the one of a run without any of it."""
-    monkeypatch.setattr(ibp_tools, 'PROGRESS_AFTER', 0)
-    monkeypatch.setattr(ibp_tools, 'PROGRESS_EVERY', 0)
-    monkeypatch.setattr(ibp_tools, 'LONG_CPU_RUN', 0)
+    monkeypatch.setattr(ibp, 'PROGRESS_AFTER', 0)
+    monkeypatch.setattr(ibp, 'PROGRESS_EVERY', 0)
+    monkeypatch.setattr(ibp, 'LONG_CPU_RUN', 0)
     shown, quiet = tmp_path / 'shown', tmp_path / 'quiet'
     assert main(TINY + ['--out-dir', str(shown), '--progress']) == 0
     out = capsys.readouterr().out
@@ -1337,11 +1366,18 @@ def test_ddp_step_equals_single_process_step_on_the_mean_gradient(tmp_path):
               for xs, ys in zip(x.tensor_split(2), y.tensor_split(2))]
     (sum(loss for loss, _ in shards) / 2).backward()
     assert nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) > cfg.grad_clip  # clips
-    adam.step()
     tol = dict(rtol=TOL[F32]['rtol'], atol=TOL[F32]['atol'])
     for r, (_, stats) in zip(res, shards):  # the logged robust loss of each rank's shard
         torch.testing.assert_close(r['loss'], stats['loss'], **tol)
         torch.testing.assert_close(r['grads'], flat(p.grad for p in model.parameters()), **tol)
+    # Adam's first step is about lr * sign(g): where a gradient is ~1e-8, float32 noise in g moves
+    # the step by a visible fraction of lr. So the oracle's Adam step takes the ranks' (clipped,
+    # averaged) gradient, just checked close to its own, and must then land on their parameters.
+    offset = 0
+    for p in model.parameters():
+        p.grad.copy_(res[0]['grads'][offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    adam.step()
     torch.testing.assert_close(final, flat(model.parameters()), **tol)
 
 
@@ -1600,8 +1636,8 @@ def test_init_gains_residual_rows_use_the_branch_last_layer():
 
 
 def test_diagnose_init_cli_prints_three_inits(capsys, backend_flags):
-    assert main(['--diagnose-init', '--dataset', 'synthetic', '--width', '0.25',
-                 '--device', 'cpu']) == 0
+    assert ibp_tools.main(['diagnose-init', '--dataset', 'synthetic', '--width', '0.25',
+                           '--device', 'cpu']) == 0
     out = capsys.readouterr().out
     tables = {}
     for block in out.split('\n\n')[1:]:
@@ -1623,8 +1659,9 @@ def test_benchmark_cli_writes_three_variants_and_ratios(tmp_path, capsys, backen
     # 5 timed steps (not 2): the median of 5 needs three outliers to flip a ratio on a shared
     # machine
     out = tmp_path / 'bench'
-    assert main(['--benchmark', '--dataset', 'synthetic', '--width', '0.0625', '--batch-size', '8',
-                 '--benchmark-steps', '5', '--device', 'cpu', '--out-dir', str(out)]) == 0
+    assert ibp_tools.main(['benchmark', '--dataset', 'synthetic', '--width', '0.0625',
+                           '--batch-size', '8', '--benchmark-steps', '5', '--device', 'cpu',
+                           '--out-dir', str(out)]) == 0
     assert 'ratios (median over rounds):' in capsys.readouterr().out
     res = json.load(open(out / 'benchmark.json'))
     assert list(res['results']) == ['clean', 'vanilla_ibp', 'ours']

@@ -225,15 +225,17 @@ def test_command_line_error_has_no_traceback(tmp_path):
 
 def test_end_to_end_smoke_run(tmp_path, plt):
     # A real (tiny) training run and init diagnosis, plotted: the log format is the script's own.
-    script, run = os.path.join(REPO, 'ibp_short_warmup.py'), str(tmp_path / 'smoke')
+    run = str(tmp_path / 'smoke')
     common = ['--smoke', '--out-dir', run]
-    for extra in [['--diagnose-init'],
-                  ['--epochs', '3', '--eps-start', '1', '--eps-length', '2', '--lr-milestones', '3',
-                   '--train-size', '128', '--test-size', '64', '--pgd-steps', '2']]:
-        subprocess.run([sys.executable, script] + common + extra, check=True, timeout=300,
-                       capture_output=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    for script, extra in [('ibp_tools.py', ['diagnose-init']),
+                          ('ibp_short_warmup.py', ['--epochs', '3', '--eps-start', '1',
+                                                   '--eps-length', '2', '--lr-milestones', '3',
+                                                   '--train-size', '128', '--test-size', '64',
+                                                   '--pgd-steps', '2'])]:
+        subprocess.run([sys.executable, os.path.join(REPO, script)] + extra + common, check=True,
+                       timeout=300, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert os.path.exists(os.path.join(run, 'diagnosis.json')), \
-        '--diagnose-init --out-dir D wrote no D/diagnosis.json'
+        'diagnose-init --out-dir D wrote no D/diagnosis.json'
     res = subprocess.run([sys.executable, os.path.join(REPO, 'plot_runs.py'), run, '--out',
                           str(tmp_path / 'p')], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

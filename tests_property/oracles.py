@@ -69,8 +69,9 @@ def regularizer_oracle(pre, tau):
     in Python floats. Returns (L_tightness, L_relu, ratios, smallest, states): every ratio the
     constraints ask to be >= tau (E(Delta_0)/E(Delta_i), min(alpha, 1/alpha), min(beta, 1/beta));
     the smallest denominator of alpha and beta (to set degenerate ones aside); per layer the
-    fractions of active (l > 0), inactive (u < 0) and unstable neurons (Figure 2). A layer's ReLU
-    term counts only when it has both active and inactive neurons."""
+    fractions of active (l > 0), inactive (u < 0) and unstable neurons (Figure 2). A one-sided
+    layer (only active, or only inactive, stable neurons) has alpha = 0 or infinity: its two
+    ReLU terms are tau each; a layer with no stable neuron (alpha = 0/0) adds nothing."""
     flat = [([float(v) for v in c.flatten()], [float(v) for v in r.flatten()]) for c, r in pre]
     d0 = sum(flat[0][1]) / len(flat[0][1])
     tight, relu, ratios, smallest, states = 0.0, 0.0, [], math.inf, []
@@ -83,7 +84,7 @@ def regularizer_oracle(pre, tau):
         inact = [i for i in range(len(c)) if c[i] + r[i] < 0]
         states.append([len(act) / len(c), len(inact) / len(c),
                        1 - (len(act) + len(inact)) / len(c)])
-        if act and inact:
+        if act or inact:
             mu = sum(c) / len(c)
             pairs = [(sum(c[i] for i in act), -sum(c[i] for i in inact)),
                      (sum((c[i] - mu) ** 2 for i in act), sum((c[i] - mu) ** 2 for i in inact))]

@@ -5,6 +5,7 @@ oracles.regularizer_oracle, shared with test_ibp.py.
 """
 import math
 
+import pytest
 import torch
 from hypothesis import assume, given, strategies as st
 
@@ -100,12 +101,13 @@ def test_regularizers_vanish_exactly_when_every_ratio_is_within_tau_and_only_the
 def test_regularizers_are_exactly_zero_on_balanced_bounds(n, m, data):
     """Constructed bounds that satisfy every constraint for the drawn tau in (0, 1], tau = 1
     included: each layer has active neurons a_k > r_k, inactive neurons -a_k (so alpha = beta = 1,
-    computed exactly: dyadic values), unstable pairs +-u with r > |u|; or it has no active (or no
-    inactive) neuron at all; the input box is wide enough that E(Delta_0)/E(Delta_i) > tau."""
+    computed exactly: dyadic values), unstable pairs +-u with r > |u|; the input box is wide
+    enough that E(Delta_0)/E(Delta_i) > tau. A one-sided layer (no active, or no inactive neuron)
+    has alpha = 0 or infinity, so Eq. (8) charges it tau + tau: L_relu = 2 k / m for k of them."""
     tau = data.draw(st.one_of(st.just(1.0), taus), label='tau')
     dyadic = st.integers(1, 64).map(lambda k: k / 8)
     kinds = st.sampled_from(['balanced', 'balanced', 'no inactive', 'no active'])
-    pre, balanced = [], []
+    pre, balanced, one_sided = [], [], 0
     for _ in range(m):
         a = torch.tensor(data.draw(st.lists(dyadic, min_size=1, max_size=4), label='active'))
         u = torch.tensor(data.draw(st.lists(dyadic, max_size=3), label='unstable'))
@@ -114,6 +116,7 @@ def test_regularizers_are_exactly_zero_on_balanced_bounds(n, m, data):
             c, r = torch.cat([a, -a, u, -u]), torch.cat([a / 2, a / 2, 2 * u, 2 * u])
         else:
             c, r = (1 if kind == 'no inactive' else -1) * a, a / 2
+            one_sided += 1
         c, r = c.repeat(n, 1), r.repeat(n, 1)
         if (c - r > 0).any() and (c + r < 0).any():
             balanced.append((c, r))
@@ -122,11 +125,12 @@ def test_regularizers_are_exactly_zero_on_balanced_bounds(n, m, data):
     shrink = data.draw(st.sampled_from([0.25, 0.5, 0.75]), label='E(Delta_i) / (E(Delta_0) / tau)')
     pre.insert(0, (torch.zeros(n, 5), torch.full((n, 5), widest * tau / shrink)))
     lt, lr, _ = M.warmup_regularizers(pre, tau)
-    assert lt.item() == 0.0 and lr.item() == 0.0, (lt.item(), lr.item())
+    assert lt.item() == 0.0 and lr.item() == pytest.approx(2 * one_sided / m, rel=1e-6)
     if balanced:  # the inactive neurons of one layer made stronger: alpha = tau / 4 < tau
         c, r = balanced[0]
         c[c + r < 0] *= 4 / tau
-        assert M.warmup_regularizers(pre, tau)[1].item() > 0, 'an unbalanced layer not penalized'
+        assert M.warmup_regularizers(pre, tau)[1].item() > 2 * one_sided / m + 1e-6, \
+            'an unbalanced layer not penalized'
 
 
 @given(pre=pre_lists(), tau=taus)
