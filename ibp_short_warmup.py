@@ -33,6 +33,8 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
+import io
 import json
 import math
 import os
@@ -445,7 +447,7 @@ class Config:  # every field is a --flag; None: the dataset's or the method's de
     model: str = flag('cnn7', 'model family', choices=['cnn7', 'wide_resnet', 'resnext'])
     method: str = flag('ours', 'ours: IBP init + regularizers', choices=['ours', 'vanilla'])
     bn: str = flag('full', 'CNN-7 BN (Table 4)', choices=['full', 'conv', 'none'])
-    ibp_init: Opt[bool] = flag(None, '[paper] IBP initialization, Sec. 3.3.1 (default: on for ours)')
+    ibp_init: Opt[bool] = flag(None, '[paper] IBP init, Sec. 3.3.1 (default: on for ours)')
     reg_tightness: Opt[bool] = flag(None, '[paper] L_tightness, Eq. (7) (default: on for ours)')
     reg_relu: Opt[bool] = flag(None, '[paper] L_relu, Eq. (8) (default: on for ours)')
     eps: Opt[float] = flag(None, 'eps_target: L-inf radius in pixels [0, 1], train and test')
@@ -463,7 +465,7 @@ class Config:  # every field is a --flag; None: the dataset's or the method's de
     width: float = flag(1.0, 'width multiplier of every model (e.g. 0.125: a CPU-sized CNN-7)')
     seed: int = flag(0, 'random seed (init, batch order, augmentation, attack)')
     device: str = flag('auto', "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    data_dir: str = flag('data', 'where datasets are found or downloaded to')
+    data_dir: Opt[str] = flag(None, 'where datasets are found or downloaded to (default: data)')
     out_dir: Opt[str] = flag(None, 'output folder (default: runs/DATASET_MODEL_METHOD_sSEED)')
     resume: bool = flag(False, 'continue the run in --out-dir from its last.pt')
     train_size: int = flag(0, 'a fixed random subset of this many training images (0: all)')
@@ -471,13 +473,14 @@ class Config:  # every field is a --flag; None: the dataset's or the method's de
     val_size: int = flag(0, 'hold out this many training images to pick best.pt')
     synthetic_shape: Ints = flag((3, 32, 32), 'C H W of the synthetic dataset')
     synthetic_classes: int = flag(10, 'classes of the synthetic dataset')
-    eval_checkpoint: Opt[str] = flag(None, 'certify this checkpoint (standard, PGD, verified error)')
+    eval_checkpoint: Opt[str] = flag(None, 'certify this checkpoint: standard, PGD, verified error')
     pgd_steps: int = flag(20, 'PGD steps of the final attack (0: no attack)')
     pgd_restarts: int = flag(1, 'PGD random restarts of the final attack')
     tf32: bool = flag(True, 'TF32 matmuls/convolutions in training on CUDA (never to certify)')
     channels_last: Opt[bool] = flag(None, 'channels-last memory format (default: on for CUDA)')
     compile: bool = flag(False, 'torch.compile the bounds and the loss (20-40 s to compile)')
     progress: Opt[bool] = flag(None, 'progress line with ETA (default: when stdout is a terminal)')
+    dist_timeout: int = flag(600, 'torchrun: seconds a rank waits for the others, then fails')
     smoke: bool = flag(False, 'preset: synthetic data, narrow CNN-7, 6 epochs (CPU, seconds)')
 
 
@@ -508,26 +511,47 @@ def resolve(cfg):
         cfg.train_size, cfg.test_size = cfg.train_size or 4096, cfg.test_size or 1024
     if cfg.out_dir is None:
         cfg.out_dir = os.path.join('runs', f'{cfg.dataset}_{cfg.model}_{cfg.method}_s{cfg.seed}')
-    # Every check gives one line and exit 2, rather than a traceback deep inside a run.
-    ramp_end, shape = cfg.eps_start + cfg.eps_length - 1, cfg.synthetic_shape
+    cfg.data_dir = cfg.data_dir or 'data'
+    return check(cfg)
+
+
+def check(cfg):
+    # Every value, where it is parsed: one line naming the flag and exit 2, rather than a run that
+    # can only diverge or a traceback deep inside it. Unresolved (None) values are skipped.
+    for f in dataclasses.fields(Config):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f'--{f.name.replace("_", "-")} must be a finite number (got {v})')
+    ramp_end, shape = (cfg.eps_start or 1) + (cfg.eps_length or 1) - 1, cfg.synthetic_shape
+    epochs, milestones = cfg.epochs or 1, cfg.lr_milestones or ()
+    batch, accum = cfg.batch_size or 1, cfg.accum_steps or 1
     for ok, msg in [
-        (cfg.eps > 0, f'--eps must be > 0 (got {cfg.eps})'),
-        (cfg.epochs >= 1, f'--epochs must be >= 1 (got {cfg.epochs})'),
-        (cfg.eps_start >= 1 and cfg.eps_length >= 1, '--eps-start and --eps-length must be >= 1'),
-        (ramp_end <= cfg.epochs, f'the eps ramp (epochs {cfg.eps_start}..{ramp_end}) is longer'
-         f' than the run ({cfg.epochs} epochs): set --eps-start/--eps-length'),
-        (cfg.batch_size >= 1 and cfg.accum_steps >= 1 and cfg.batch_size % cfg.accum_steps == 0,
+        (cfg.eps is None or 0 < cfg.eps <= 1, f'--eps must be in (0, 1], pixels (got {cfg.eps})'),
+        (epochs >= 1, f'--epochs must be >= 1 (got {cfg.epochs})'),
+        (min(cfg.eps_start or 1, cfg.eps_length or 1) >= 1,
+         '--eps-start and --eps-length must be >= 1'),
+        (ramp_end <= epochs, f'the eps ramp (epochs {cfg.eps_start}..{ramp_end}) is longer than '
+         f'the run ({cfg.epochs} epochs): set --eps-start/--eps-length'),
+        (all(1 <= m <= epochs for m in milestones), f'--lr-milestones must lie in 1..{epochs}, '
+         f'the run (got {" ".join(map(str, milestones))})'),
+        (batch >= 1 and accum >= 1 and batch % accum == 0,
          '--batch-size must be a positive multiple of --accum-steps'),
         (0 < cfg.tau <= 1, f'--tau must be in (0, 1] (got {cfg.tau})'),
-        (cfg.lam0 >= 0 and min(cfg.lr, cfg.width, cfg.grad_clip) > 0,
-         '--lam0 must be >= 0; --lr, --width, --grad-clip > 0'),
-        (min(cfg.train_size, cfg.test_size, cfg.val_size, cfg.pgd_steps) >= 0
-         and cfg.pgd_restarts >= 1, 'sizes and --pgd-steps must be >= 0, --pgd-restarts >= 1'),
+        ((cfg.lam0 or 0) >= 0, f'--lam0 must be >= 0 (got {cfg.lam0})'),
+        (cfg.lr > 0 and cfg.lr_decay > 0, '--lr and --lr-decay must be > 0'),
+        (cfg.grad_clip > 0, f'--grad-clip must be > 0 (got {cfg.grad_clip})'),
+        (0 < cfg.width <= 16, f'--width must be in (0, 16] (got {cfg.width})'),
+        (min(cfg.train_size, cfg.test_size, cfg.val_size) >= 0,
+         '--train-size, --test-size and --val-size must be >= 0'),
+        (cfg.pgd_steps >= 0 and cfg.pgd_restarts >= 1,
+         '--pgd-steps must be >= 0 and --pgd-restarts >= 1'),
+        (cfg.dist_timeout >= 1, '--dist-timeout must be >= 1 second'),
+        (cfg.out_dir != '', '--out-dir must not be empty'),
         (cfg.model == 'cnn7' or cfg.bn == 'full',
          '--bn conv/none is the CNN-7 ablation (Table 4); residual models have full BN'),
-        (len(shape) == 3 and min(shape) >= 1 and shape[1] % 4 == 0 and shape[2] % 4 == 0
-         and cfg.synthetic_classes >= 2,
-         '--synthetic-shape must be C H W with H, W multiples of 4; --synthetic-classes >= 2')]:
+        (len(shape) == 3 and min(shape) >= 1 and shape[1] % 4 == 0 and shape[2] % 4 == 0,
+         '--synthetic-shape must be C H W with H and W multiples of 4'),
+        (cfg.synthetic_classes >= 2, '--synthetic-classes must be >= 2')]:
         if not ok:
             raise UserError(msg)
     return cfg
@@ -635,20 +659,26 @@ def tinyimagenet_data(root):
     return data
 
 
-def read_dataset(name, root):
+def read_dataset(name, root, download=True):
     # ((x, y), (x, y)): the uint8 train and test images of a real dataset, and their labels;
-    # torchvision's datasets are downloaded (and MD5-checked) if absent.
+    # torchvision's datasets are downloaded (and MD5-checked) if absent and `download`.
     socket.setdefaulttimeout(60)  # a download that hangs fails instead
     tvd = torchvision.datasets
+    where = dict(tinyimagenet='tiny-imagenet-200/', cifar10='cifar-10-batches-py/',
+                 mnist='MNIST/raw/', fashionmnist='FashionMNIST/raw/')[name]
     try:
         if name == 'tinyimagenet':
             return tinyimagenet_data(root)
-        cls, out = dict(mnist=tvd.MNIST, fashionmnist=tvd.FashionMNIST, cifar10=tvd.CIFAR10)[name], []
+        cls = dict(mnist=tvd.MNIST, fashionmnist=tvd.FashionMNIST, cifar10=tvd.CIFAR10)[name]
+        out = []
         for train in (True, False):
-            with quiet():
-                try:
+            try:
+                with quiet():
                     ds = cls(root, train=train, download=False)
-                except Exception:  # absent: fetch it
+            except RuntimeError as e:  # torchvision's "Dataset not found" when files are absent
+                if 'not found' not in str(e) or not download:
+                    raise
+                with quiet():
                     ds = cls(root, train=train, download=True)
             x = torch.as_tensor(ds.data)
             x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)  # MNIST NHW, CIFAR NHWC
@@ -657,11 +687,13 @@ def read_dataset(name, root):
     except UserError:
         raise
     except Exception as e:
-        where = dict(tinyimagenet='tiny-imagenet-200/', cifar10='cifar-10-batches-py/',
-                     mnist='MNIST/raw/', fashionmnist='FashionMNIST/raw/')[name]
-        raise UserError(f'{name} is not in {os.path.abspath(root)} and could not be '
-                        f'downloaded ({type(e).__name__}); put {where} there or pass '
-                        '--data-dir') from None
+        folder = os.path.join(os.path.abspath(root), where)
+        if 'not found' in str(e) or not os.path.isdir(folder):
+            how = 'and could not be downloaded' if download else '(not downloaded here)'
+            raise UserError(f'{name} is not in {os.path.abspath(root)} {how} '
+                            f'({type(e).__name__}); put {where} there or pass --data-dir') from None
+        raise UserError(f'{name}: the files in {folder} are corrupt ({first_line(e)}): delete '
+                        'them to download them again') from None
 
 
 def load_data(cfg, device):
@@ -671,7 +703,14 @@ def load_data(cfg, device):
         train = synthetic_images(cfg.train_size, shape, k, 1)
         test = synthetic_images(cfg.test_size, shape, k, 2)
     else:
-        train, test = read_dataset(cfg.dataset, cfg.data_dir)
+        train, test = read_dataset(cfg.dataset, cfg.data_dir, download=not cfg.eval_checkpoint)
+    n_train, n_test = len(train[1]), len(test[1])
+    if cfg.val_size + max(cfg.train_size, 1) > n_train:
+        raise UserError(f'--val-size {cfg.val_size} and --train-size {cfg.train_size}: more than '
+                        f'the {n_train} training images of {cfg.dataset}')
+    if cfg.test_size > n_test:
+        raise UserError(f'--test-size {cfg.test_size}: more than the {n_test} test images of '
+                        f'{cfg.dataset}')
     g = torch.Generator().manual_seed(0)  # fixed subsets and split, the same for every seed
     perm = torch.randperm(len(train[1]), generator=g)
     val_idx, train_idx = perm[:cfg.val_size], perm[cfg.val_size:][:cfg.train_size or None]
@@ -781,21 +820,40 @@ def evaluate(model, data, eps, batch_size=256, pgd_steps=0, pgd_restarts=1, seed
 
 
 # ---- Checkpoints and logs: atomic writes, so a crash or Ctrl-C never leaves a broken file -----
+RUN_FILES = ('log.jsonl', 'last.pt', 'best.pt', 'metrics.json')  # a folder with one is a run's
+
+
 def atomic_save(obj, path):
-    tmp = f'{path}.{os.getpid()}.tmp'  # concurrent writers (torchrun ranks) never share it
-    if path.endswith('.json'):
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=2)
+    # A checkpoint (.pt), a JSON file or a list of log records (.jsonl), written to a temporary
+    # file and renamed over `path`: atomic on POSIX, so the old file stays whole until the new one
+    # is. A failed write (disk full, read-only, ...) leaves no temporary file and is one line.
+    if path.endswith('.jsonl'):
+        data = ''.join(json.dumps(r) + '\n' for r in obj).encode()
+    elif path.endswith('.json'):
+        data = json.dumps(obj, indent=2).encode()
     else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic on POSIX: the old file stays whole until the new one is
+        buf = io.BytesIO()  # torch.save reports a full disk cryptically; a plain write does not
+        torch.save(obj, buf)
+        data = buf.getvalue()
+    tmp = f'{path}.{os.getpid()}.tmp'  # concurrent writers (torchrun ranks) never share it
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f'cannot write {path}: {e.strerror or e}') from None
+    finally:
+        with contextlib.suppress(OSError):  # gone after the rename; else a half-written file
+            os.remove(tmp)
 
 
 def read_checkpoint(path, device):
     # A checkpoint holds tensors and plain values only, so it loads with weights_only=True:
     # unpickling a downloaded file can then run no code. Anything else is one clear line.
     if not os.path.isfile(path):
-        raise UserError(f'{path}: no such checkpoint file')
+        raise UserError(f'{path}: no such checkpoint file (a folder names none)')
     try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols: one line only
             warnings.simplefilter('ignore')
@@ -823,19 +881,41 @@ def load_state(path, module, state):
 # The flags that may differ between a run and its --resume: none of them changes the training.
 RUNTIME_FIELDS = {'resume', 'device', 'data_dir', 'out_dir', 'epochs', 'eval_checkpoint',
                   'compile', 'tf32', 'channels_last', 'pgd_steps', 'pgd_restarts', 'smoke',
-                  'progress'}
+                  'progress', 'dist_timeout'}
+
+
+def read_log(path, epochs):
+    # The records of epochs 1..epochs of log.jsonl. The log is saved just before last.pt, so it
+    # may hold one record more (a kill between the two), which is dropped; a torn, foreign or
+    # missing record is an error naming its line, never a silent drop.
+    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    records = []
+    for n, line in enumerate(lines[:epochs + 1], 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or rec.get('epoch') != n:
+            raise UserError(f'--resume: {path}, line {n}: not the record of epoch {n}')
+        records.append(rec)
+    if len(records) < epochs or len(lines) > epochs + 1:
+        raise UserError(f'--resume: {path} holds {len(lines)} records, but last.pt {epochs} '
+                        'epochs')
+    return records[:epochs]
 
 
 def load_checkpoint(cfg, model, opt, dev):
-    # Resume from OUT_DIR/last.pt: (first epoch to run, best validation error, wall seconds).
+    # A fresh run needs a folder without run files; --resume continues OUT_DIR/last.pt. Returns
+    # (first epoch to run, the log's records so far, best validation error, wall seconds).
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
     path = os.path.join(cfg.out_dir, 'last.pt')
     if not cfg.resume:
-        if os.path.exists(path):
-            raise UserError(f'{cfg.out_dir} already holds a run: pass --resume to continue it, '
-                            'or another --out-dir')
-        return 1, float('inf'), 0.0
+        if held:
+            raise UserError(f'{cfg.out_dir} already holds a run ({", ".join(held)}): add --resume '
+                            'to continue it, or choose another --out-dir')
+        return 1, [], float('inf'), 0.0
     if not os.path.exists(path):
-        raise UserError(f'--resume: no checkpoint at {path}')
+        raise UserError(f'--resume: no checkpoint at {path}: nothing was saved to continue')
     ck = read_checkpoint(path, dev)
     missing = {'optimizer', 'epoch', 'best', 'wall'} - set(ck)  # best.pt, say, cannot resume
     if missing:
@@ -845,35 +925,23 @@ def load_checkpoint(cfg, model, opt, dev):
     diff = [k for k, v in saved.items() if k not in RUNTIME_FIELDS and v != now.get(k)]
     if diff:
         raise UserError(f'--resume: {path} is from a run with other values of: ' + ', '.join(diff))
+    records = read_log(os.path.join(cfg.out_dir, 'log.jsonl'), ck['epoch'])
     load_state(path, model, ck['model'])
     load_state(path, opt, ck['optimizer'])
-    return ck['epoch'] + 1, ck['best'], ck['wall']
-
-
-def truncate_log(path, start_epoch):
-    # log.jsonl keeps exactly the epochs of the checkpoint (a torn last line, from a kill, is
-    # dropped), rewritten atomically: an interrupted resume loses no line.
-    lines = open(path).read().splitlines() if os.path.exists(path) else []
-    keep = [s + '\n' for s in lines if s.endswith('}') and json.loads(s)['epoch'] < start_epoch]
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    return ck['epoch'] + 1, records, ck['best'], ck['wall']
 
 
 def eval_checkpoint(cfg):
-    # --eval-checkpoint: certify a saved model at its eps_target (or --eps), with its own config.
-    # Its flags skip resolve, so the ones used here are checked here.
-    if (cfg.eps is not None and cfg.eps <= 0) or cfg.pgd_steps < 0 or cfg.pgd_restarts < 1 \
-            or cfg.test_size < 0:
-        raise UserError('--eps must be > 0, --pgd-steps and --test-size >= 0, '
-                        '--pgd-restarts >= 1')
-    dev = setup_device(cfg)
+    # --eval-checkpoint: certify a saved model at its eps_target (or --eps), with its own config
+    # and data folder (unless --data-dir is given); nothing is downloaded or written.
+    dev = setup_device(check(cfg))
     ck = read_checkpoint(cfg.eval_checkpoint, dev)
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in ck['config'].items()}
-    saved = dataclasses.replace(Config(**config), device=cfg.device, data_dir=cfg.data_dir,
+    saved = dataclasses.replace(Config(**config), device=cfg.device,
+                                data_dir=cfg.data_dir or config['data_dir'] or 'data',
                                 test_size=cfg.test_size or config['test_size'],
-                                channels_last=False, compile=False)
+                                eval_checkpoint=cfg.eval_checkpoint, channels_last=False,
+                                compile=False)
     model = build_model(saved, dataset_info(saved)).to(dev)
     load_state(cfg.eval_checkpoint, model, ck['model'])
     data = load_data(dataclasses.replace(saved, train_size=1, val_size=0), dev)
@@ -936,13 +1004,16 @@ def check_finite(flags, epoch, steps, cfg):
 
 
 # ---- Distributed (torchrun): process group, reductions, and which rank writes -----------------
-def setup_distributed(dev):
+def setup_distributed(dev, cfg):
     # Under torchrun (WORLD_SIZE > 1): a process per device on torch.distributed. -> (rank, world)
+    # A rank that waits longer than --dist-timeout for the others (one froze or died) fails.
     world = int(os.environ.get('WORLD_SIZE', 1))
     if world == 1:
         return 0, 1
     if not torch.distributed.is_initialized():  # NCCL between GPUs, Gloo between CPU processes
-        torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout)
+        torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo',
+                                             timeout=timeout)
     return torch.distributed.get_rank(), world
 
 
@@ -1066,16 +1137,20 @@ def final_evaluation(model, data, cfg, dev, world, wall):
 
 def train(cfg):
     dev = setup_device(cfg)
-    rank, world = setup_distributed(dev)
+    rank, world = setup_distributed(dev, cfg)
     if cfg.progress is None:
         cfg.progress = sys.stdout.isatty()
     info, data = dataset_info(cfg), load_data(cfg, dev)
     model, opt, objective = prepare(cfg, dev, info, world)
-    start, best, wall = load_checkpoint(cfg, model, opt, dev)
-    log_path = os.path.join(cfg.out_dir, 'log.jsonl')
+    start, records, best, wall = load_checkpoint(cfg, model, opt, dev)
     if rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        truncate_log(log_path, start)  # to the epochs that last.pt holds
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        except OSError as e:  # a file of that name, a read-only parent, ...
+            raise UserError(f'--out-dir {cfg.out_dir}: cannot make this folder ({e.strerror})')
+        for name in os.listdir(cfg.out_dir):  # temporary files of a killed run of this folder
+            if name.endswith('.tmp') and name.split('.')[0] in ('log', 'last', 'best', 'metrics'):
+                os.remove(os.path.join(cfg.out_dir, name))
     clock = dict(shown=0.0, warned=False, epoch_s=None)  # for the progress line and the ETA
     for epoch in range(start, cfg.epochs + 1):
         t0 = time.time()
@@ -1094,8 +1169,8 @@ def train(cfg):
             print(f'eta: the run ends around {end}, in about {hms(left)} (epochs left: '
                   f'{cfg.epochs - epoch})', flush=True)
         # Only whole epochs are logged and saved: after a crash, --resume repeats the epoch.
-        with open(log_path, 'a') as f:
-            f.write(json.dumps(rec) + '\n')
+        records.append(rec)
+        atomic_save(records, os.path.join(cfg.out_dir, 'log.jsonl'))
         atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(),
                          config=dataclasses.asdict(cfg), epoch=epoch, best=best, wall=wall),
                     os.path.join(cfg.out_dir, 'last.pt'))
@@ -1107,6 +1182,7 @@ def train(cfg):
 
 # ---- main -------------------------------------------------------------------------------------
 def main(argv=None):
+    cfg = None
     try:
         cfg = parse_args(argv)
         if cfg.eval_checkpoint:  # with the checkpoint's own config
@@ -1117,9 +1193,23 @@ def main(argv=None):
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except OSError as e:  # a folder that cannot be made or written: the path and the cause
+        print(f'error: {e.filename}: {e.strerror or e}', file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # torchrun: another rank failed or stopped answering (Gloo, NCCL)
+        if not torch.distributed.is_initialized() or not any(
+                k in str(e) for k in ('gloo', 'nccl', 'NCCL', 'Timed out', 'Connection')):
+            raise
+        print(f'error: torchrun: a rank stopped answering or failed ({first_line(e)}); '
+              f'--dist-timeout is {cfg.dist_timeout} s', file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print('\ninterrupted: last.pt holds the last finished epoch, if any; run the same command'
-              ' with --resume', file=sys.stderr)
+        why = 'no epoch was finished, nothing was saved'
+        if cfg is None or cfg.eval_checkpoint:
+            why = 'nothing was written'
+        elif os.path.exists(os.path.join(cfg.out_dir, 'last.pt')):
+            why = 'last.pt holds the last finished epoch: run the same command with --resume'
+        print(f'\ninterrupted: {why}', file=sys.stderr)
         return 130
     finally:
         if torch.distributed.is_initialized():

@@ -887,7 +887,7 @@ def test_augment_is_a_flip_and_edge_padded_crop():
 # Command line
 # ----------------------------------------------------------------------------------------------
 TINY = ['--smoke', '--epochs', '3', '--eps-start', '2', '--eps-length', '1', '--train-size', '128',
-        '--test-size', '64', '--width', '0.0625', '--pgd-steps', '3']
+        '--test-size', '64', '--width', '0.0625', '--pgd-steps', '3', '--lr-milestones', '2']
 
 
 def cli(*args, timeout=300):
@@ -941,7 +941,8 @@ def test_missing_dataset_offline_is_one_line(tmp_path):
     empty = tmp_path / 'data'
     empty.mkdir()
     proc = cli('--dataset', 'cifar10', '--data-dir', str(empty), '--out-dir', str(tmp_path / 'run'),
-               '--epochs', '1', '--eps-start', '1', '--eps-length', '1', '--width', '0.0625',
+               '--epochs', '1', '--eps-start', '1', '--eps-length', '1', '--lr-milestones', '1',
+               '--width', '0.0625',
                '--train-size', '64', '--test-size', '64', timeout=180)
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
@@ -1030,7 +1031,7 @@ def test_progress_defaults_to_whether_stdout_is_a_terminal(tmp_path):
     for tty in (True, False):
         out = tmp_path / f'tty_{tty}'
         args = [sys.executable, SCRIPT, *TINY, '--epochs', '2', '--eps-start', '1',
-                '--eps-length', '1', '--out-dir', str(out)]
+                '--eps-length', '1', '--lr-milestones', '2', '--out-dir', str(out)]
         env = dict(os.environ, OMP_NUM_THREADS='1')
         if tty:
             leader, follower = pty.openpty()
@@ -1306,9 +1307,9 @@ def ddp_worker(rank, port, out, x, y, eps, lam):
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dev = torch.device('cpu')
-    got_rank, world = ibp.setup_distributed(dev)
+    cfg = ddp_config()
+    got_rank, world = ibp.setup_distributed(dev, cfg)
     try:
-        cfg = ddp_config()
         model, opt, objective = ibp.prepare(cfg, dev, dataset_info(cfg), world)
         init = flat(model.parameters())
         # the shard that train() gives this rank: tensor_split of the global batch
@@ -1896,6 +1897,8 @@ def test_final_metrics_of_a_run_recheck_in_float64(rounding_case, capsys):
     torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(),
                     config=dataclasses.asdict(cfg), epoch=cfg.epochs, best=float('inf'), wall=0.0),
                os.path.join(rc['out'], 'last.pt'))
+    with open(os.path.join(rc['out'], 'log.jsonl'), 'w') as f:  # --resume checks the log too
+        f.writelines(json.dumps(dict(epoch=e)) + '\n' for e in range(1, cfg.epochs + 1))
     capsys.readouterr()
     assert ibp.main(rc['flags'] + ['--resume']) == 0, capsys.readouterr().err
     metrics = json.load(open(os.path.join(rc['out'], 'metrics.json')))
