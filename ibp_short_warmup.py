@@ -412,7 +412,7 @@ class UserError(Exception):
 
 
 def first_line(e):
-    return f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+    return f'{type(e).__name__}: {str(e).splitlines()[0]}' if str(e).strip() else type(e).__name__
 
 
 def flag(default, help, **kw):  # a Config field and its --flag's help text
@@ -511,7 +511,7 @@ def resolve(cfg):
         cfg.train_size, cfg.test_size = cfg.train_size or 4096, cfg.test_size or 1024
     if cfg.out_dir is None:
         cfg.out_dir = os.path.join('runs', f'{cfg.dataset}_{cfg.model}_{cfg.method}_s{cfg.seed}')
-    cfg.data_dir = cfg.data_dir or 'data'
+    cfg.data_dir = os.path.abspath(cfg.data_dir or 'data')  # --eval-checkpoint from elsewhere
     return check(cfg)
 
 
@@ -522,14 +522,16 @@ def check(cfg):
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise UserError(f'--{f.name.replace("_", "-")} must be a finite number (got {v})')
-    ramp_end, shape = (cfg.eps_start or 1) + (cfg.eps_length or 1) - 1, cfg.synthetic_shape
-    epochs, milestones = cfg.epochs or 1, cfg.lr_milestones or ()
-    batch, accum = cfg.batch_size or 1, cfg.accum_steps or 1
+    unset = {k: 1 for k in ('epochs', 'eps_start', 'eps_length', 'batch_size', 'accum_steps')
+             if getattr(cfg, k) is None}  # an unresolved value: --eval-checkpoint's flags
+    epochs, start, length, batch, accum = (unset.get(k, getattr(cfg, k)) for k in
+                                           ('epochs', 'eps_start', 'eps_length', 'batch_size',
+                                            'accum_steps'))
+    ramp_end, shape, milestones = start + length - 1, cfg.synthetic_shape, cfg.lr_milestones or ()
     for ok, msg in [
         (cfg.eps is None or 0 < cfg.eps <= 1, f'--eps must be in (0, 1], pixels (got {cfg.eps})'),
         (epochs >= 1, f'--epochs must be >= 1 (got {cfg.epochs})'),
-        (min(cfg.eps_start or 1, cfg.eps_length or 1) >= 1,
-         '--eps-start and --eps-length must be >= 1'),
+        (min(start, length) >= 1, '--eps-start and --eps-length must be >= 1'),
         (ramp_end <= epochs, f'the eps ramp (epochs {cfg.eps_start}..{ramp_end}) is longer than '
          f'the run ({cfg.epochs} epochs): set --eps-start/--eps-length'),
         (all(1 <= m <= epochs for m in milestones), f'--lr-milestones must lie in 1..{epochs}, '
@@ -666,6 +668,7 @@ def read_dataset(name, root, download=True):
     tvd = torchvision.datasets
     where = dict(tinyimagenet='tiny-imagenet-200/', cifar10='cifar-10-batches-py/',
                  mnist='MNIST/raw/', fashionmnist='FashionMNIST/raw/')[name]
+    tried = False  # a download: its failure means missing files, not corrupt ones
     try:
         if name == 'tinyimagenet':
             return tinyimagenet_data(root)
@@ -678,6 +681,7 @@ def read_dataset(name, root, download=True):
             except RuntimeError as e:  # torchvision's "Dataset not found" when files are absent
                 if 'not found' not in str(e) or not download:
                     raise
+                tried = True
                 with quiet():
                     ds = cls(root, train=train, download=True)
             x = torch.as_tensor(ds.data)
@@ -688,7 +692,7 @@ def read_dataset(name, root, download=True):
         raise
     except Exception as e:
         folder = os.path.join(os.path.abspath(root), where)
-        if 'not found' in str(e) or not os.path.isdir(folder):
+        if tried or 'not found' in str(e) or not os.path.isdir(folder):
             how = 'and could not be downloaded' if download else '(not downloaded here)'
             raise UserError(f'{name} is not in {os.path.abspath(root)} {how} '
                             f'({type(e).__name__}); put {where} there or pass --data-dir') from None
@@ -700,7 +704,7 @@ def load_data(cfg, device):
     # dict(train=(x, y), val=(x, y) or None, test=(x, y)): uint8 images and labels on `device`.
     if cfg.dataset == 'synthetic':
         shape, k = tuple(cfg.synthetic_shape), cfg.synthetic_classes
-        train = synthetic_images(cfg.train_size, shape, k, 1)
+        train = synthetic_images(cfg.train_size + cfg.val_size, shape, k, 1)
         test = synthetic_images(cfg.test_size, shape, k, 2)
     else:
         train, test = read_dataset(cfg.dataset, cfg.data_dir, download=not cfg.eval_checkpoint)
@@ -888,12 +892,12 @@ def read_log(path, epochs):
     # The records of epochs 1..epochs of log.jsonl. The log is saved just before last.pt, so it
     # may hold one record more (a kill between the two), which is dropped; a torn, foreign or
     # missing record is an error naming its line, never a silent drop.
-    lines = open(path).read().splitlines() if os.path.exists(path) else []
+    lines = open(path, 'rb').read().splitlines() if os.path.exists(path) else []
     records = []
     for n, line in enumerate(lines[:epochs + 1], 1):
         try:
             rec = json.loads(line)
-        except ValueError:
+        except ValueError:  # not JSON, or not even UTF-8
             rec = None
         if not isinstance(rec, dict) or rec.get('epoch') != n:
             raise UserError(f'--resume: {path}, line {n}: not the record of epoch {n}')
