@@ -522,12 +522,12 @@ def check(cfg):
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise UserError(f'--{f.name.replace("_", "-")} must be a finite number (got {v})')
-    unset = {k: 1 for k in ('epochs', 'eps_start', 'eps_length', 'batch_size', 'accum_steps')
-             if getattr(cfg, k) is None}  # an unresolved value: --eval-checkpoint's flags
-    epochs, start, length, batch, accum = (unset.get(k, getattr(cfg, k)) for k in
-                                           ('epochs', 'eps_start', 'eps_length', 'batch_size',
-                                            'accum_steps'))
-    ramp_end, shape, milestones = start + length - 1, cfg.synthetic_shape, cfg.lr_milestones or ()
+    counts = {}  # --eval-checkpoint checks its flags unresolved: a None count passes as 1
+    for k in ('epochs', 'eps_start', 'eps_length', 'batch_size', 'accum_steps'):
+        counts[k] = 1 if getattr(cfg, k) is None else getattr(cfg, k)
+    epochs, start, length = counts['epochs'], counts['eps_start'], counts['eps_length']
+    batch, accum, milestones = counts['batch_size'], counts['accum_steps'], cfg.lr_milestones or ()
+    ramp_end, shape = start + length - 1, cfg.synthetic_shape
     for ok, msg in [
         (cfg.eps is None or 0 < cfg.eps <= 1, f'--eps must be in (0, 1], pixels (got {cfg.eps})'),
         (epochs >= 1, f'--epochs must be >= 1 (got {cfg.epochs})'),

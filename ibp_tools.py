@@ -322,7 +322,8 @@ def write_table(study, rows, seeds, base, command, invocations):
              '--out-dir STUDY/ROW/sS`', '',
              f'Seeds: {", ".join(map(str, seeds))}. Total time: {ibp.hms(total)} '
              f'({len(invocations)} invocation(s)). Errors in % on the test set at eps_target, '
-             'mean ± std over seeds; time: training and per-epoch evaluation, mean per run.', '',
+             'mean ± standard deviation over seeds (n - 1); time: training and per-epoch '
+             'evaluation, mean per run.', '',
              '| row | flags | seeds | standard | PGD | verified | time (s) '
              '| paper verified, CIFAR-10, 70 ep. | 160 ep. |',
              '|---|---|---|---|---|---|---|---|---|']
@@ -452,6 +453,9 @@ def main(argv=None):
             if seeds < 1:
                 raise ibp.UserError(f'--seeds must be >= 1 (got {seeds})')
             command = ' '.join(['python ibp_tools.py'] + [shlex.quote(a) for a in argv])
+            threads = os.environ.get('OMP_NUM_THREADS')
+            if threads:  # it sets the speed of the runs, so it belongs to the command
+                command = f'OMP_NUM_THREADS={shlex.quote(threads)} {command}'
             ablation(args.study_dir or os.path.join('runs', 'ablation'), args.rows or SLUGS,
                      seeds, rest, command)
             return 0
