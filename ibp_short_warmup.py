@@ -34,6 +34,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import io
 import json
 import math
@@ -53,7 +54,6 @@ import torchvision
 EPS_FLOOR = 1e-6  # eps of the bounds where the scheduled eps is exactly 0 (the regularizers' box)
 DIV_GUARD = 1e-12  # keeps the ratios of Eq. (7) and Eq. (8) finite
 ATTACK_TOL = 1e-4  # how far (relative to the logits) an attack must beat a verified margin
-RECHECK_REL = 0.05  # float32 IBP's error relative to the classifier's terms: below 1e-6 (README)
 
 
 # ==== Interval bound propagation, Eq. (3) =====================================================
@@ -187,6 +187,73 @@ def ibp_margins(model, x, y, eps, pre=None):
 def verified(lb, y):
     # A sample is verified when the margin to every other class has a positive lower bound.
     return ((lb > 0) | F.one_hot(y, lb.shape[1]).bool()).all(1)
+
+
+# ==== Rounding-sound IBP for certification =====================================================
+# Float64 boxes (lo, hi) enclosing the exact real boxes of Eq. (3), which is monotone in its box.
+U, TINY, INF = 2.0 ** -53, 2.0 ** -1074, torch.tensor(math.inf, dtype=torch.float64)
+
+
+def hull(*corners):  # [min, max] of corners that are each one correctly rounded op, outward: an
+    v = torch.stack(torch.broadcast_tensors(*corners))  # exact result lies between the float
+    return torch.nextafter(v.amin(0), -INF), torch.nextafter(v.amax(0), INF)  # neighbours of fl
+
+
+def sound_affine(lo, hi, lin, w, b, n, rel=0.0):
+    # Eq. (3) for z -> lin(z, w) + b, n products per output in any order (FMA or not): |fl(a.b) -
+    # a.b| <= gamma_n |a|.|b| + n TINY, gamma_n = n U / (1 - n U). Exact W, b: w, b times 1 +- rel.
+    c = (lo + hi) / 2  # any float: the radius covers [lo, hi]
+    r = hull(hi - c, c - lo)[1]
+    cc = lin(c, w) + b  # exact W c + b = cc +- ((rel + gamma_{n+1}) (|w||c| + |b|) + n TINY)
+    a = lin(r, w.abs())  # exact |W| r <= (1 + rel) |w| r; |w| r <= a + gamma_n |w| r + n TINY
+    t = lin(c.abs() + r, w.abs()) + b.abs()  # T = |w|(|c|+r) + |b| <= (t + n TINY) / (1 - g_{n+2})
+    # Summed, radius + centre error <= a + (rel + 2 gamma_{n+1}) T + 2n TINY <= a + k t + 3n TINY
+    k = 2 * rel + 3 * (n + 2) * U  # >= (rel + 2 gamma_{n+1}) / (1 - gamma_{n+2}) as n U < 1e-3
+    r = hull(hull(a + hull(k * t)[1])[1] + 3 * n * TINY)[1]  # each op rounded up
+    return hull(cc - r, cc + r)
+
+
+def sound_forward(m, lo, hi, boxes):  # ibp_forward's layers; `boxes` gets each Sequential's boxes
+    if isinstance(m, nn.Sequential):
+        for layer in m:
+            lo, hi = sound_forward(layer, lo, hi, boxes)
+            boxes.append((lo, hi))
+        return lo, hi
+    if isinstance(m, (nn.Conv2d, nn.Linear)):  # float32 -> float64 is exact
+        w, b = m.weight.double(), (m.weight.new_zeros(1) if m.bias is None else m.bias).double()
+        lin = F.linear  # z, w -> W z: the layer's own product, without its bias
+        if isinstance(m, nn.Conv2d):
+            lin = functools.partial(F.conv2d, stride=m.stride, padding=m.padding,
+                                    dilation=m.dilation, groups=m.groups)
+        return sound_affine(lo, hi, lin, w, b.view(-1, *[1] * (lo.dim() - 2)), w[0].numel())
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, Normalize)):  # t -> w (t - mean) + beta
+        if isinstance(m, Normalize):  # w = 1 / std, beta = 0
+            mean, beta, (w_lo, w_hi) = m.mean.double(), 0.0, hull(1 / m.std.double())
+        else:  # Sec. 3.3.2 in eval mode: w = gamma / sqrt(var + eps), the running statistics
+            g, beta, mean, var = (p.double().view(-1, *[1] * (lo.dim() - 2))
+                                  for p in (m.weight, m.bias, m.running_mean, m.running_var))
+            q_lo, q_hi = hull(*(torch.sqrt(s) for s in hull(var + m.eps)))  # sqrt(var + eps)
+            w_lo, w_hi = hull(g / q_lo, g / q_hi)  # q > 0: w = gamma / q is monotone in q
+        lo, hi = hull(lo - mean, hi - mean)
+        lo, hi = hull(w_lo * lo, w_lo * hi, w_hi * lo, w_hi * hi)  # an interval times an interval
+        return hull(lo + beta, hi + beta)
+    if isinstance(m, Residual):  # Eq. (3) for a sum: lowers add, uppers add
+        (lb, hb), (ls, hs) = (sound_forward(s, lo, hi, boxes) for s in (m.branch, m.shortcut))
+        return hull(lb + ls, hb + hs)
+    if isinstance(m, (nn.ReLU, nn.Flatten, nn.Identity)):
+        return m(lo), m(hi)  # monotone and exact on floats
+    raise TypeError(f'no interval rule for {type(m).__name__}')
+
+
+def sound_margins(model, x8, y, eps, boxes=None):
+    # Margin lower bounds (as ibp_margins) that hold in exact arithmetic, for the float64 eps. C is
+    # folded in: each row W_y - W_j is rounded once, the exact one is it times 1 +- U.
+    lo, hi = hull(x8.double() / 255)
+    lo, hi = (t.clamp(0, 1) for t in hull(lo - eps, hi + eps))
+    lo, hi = sound_forward(model[:-1], lo, hi, [] if boxes is None else boxes)
+    w, b = (p.double()[y][:, None] - p.double()[None] for p in (model[-1].weight, model[-1].bias))
+    per_sample = functools.partial(torch.einsum, 'nd,nkd->nk')  # z, w -> each sample's W z
+    return sound_affine(lo, hi, per_sample, w, b, w.shape[2], U)[0]
 
 
 # ==== Models with BN after every affine layer (Sec. 3.3.2, Sec. 4.1) ==========================
@@ -780,35 +847,24 @@ def pgd_margin(model, x, y, eps, steps, restarts, gen):
 
 def evaluate(model, data, eps, batch_size=256, pgd_steps=0, pgd_restarts=1, seed=0,
              recheck=False):
-    # Standard, PGD and IBP-verified error of `data` in eval mode at `eps`. Float32 IBP is not
-    # rounding-sound: with recheck, a sample it verifies with a margin within RECHECK_REL of the
-    # scale of the classifier's terms is certified again in float64, and counts only if that holds
-    # too; ver_changed counts the verdicts this overturned.
+    # Standard, PGD and IBP-verified error of `data` in eval mode at `eps`. With recheck, a sample
+    # float32 IBP verifies counts only if sound_margins verifies it too; ver_changed: overturned.
     model.eval()
-    model64 = copy.deepcopy(model).double() if recheck else None
+    model64 = copy.deepcopy(model).cpu().double().requires_grad_(False) if recheck else None
     x_all, y_all = data
     sums, gen = torch.zeros(4, device=y_all.device), torch.Generator().manual_seed(seed)
     with full_fp32():
         for i in range(0, len(y_all), batch_size):
             x8, y = x_all[i:i + batch_size], y_all[i:i + batch_size]
             x = x8.float() / 255
-            pre = [] if recheck else None
             with torch.no_grad():
-                logits, lb = ibp_margins(model, x, y, eps, pre)
+                logits, lb = ibp_margins(model, x, y, eps)
             ver, wrong = verified(lb, y), logits.argmax(1) != y
-            changed, near = y.new_zeros(()), torch.zeros_like(ver)  # nothing to re-check yet
-            if recheck:  # |c| + r of the last ReLU's box bounds the classifier's input
-                c, r = pre[-1]
-                last = model[-1]
-                terms = F.linear(c.abs() + r, last.weight.abs()).amax(1) + last.bias.abs().max()
-                margin = lb.masked_fill(F.one_hot(y, lb.shape[1]).bool(), math.inf).amin(1)
-                near = ver & (margin < RECHECK_REL * 2 * terms)  # |W_y - W_j| <= 2 max |W_k|
-            if near.any():  # only a verified sample can lose its verdict
-                with torch.no_grad():
-                    lb64 = ibp_margins(model64, x8[near].double() / 255, y[near], eps)[1]
-                ok = verified(lb64, y[near])
-                changed = (~ok).sum()
-                ver[near.nonzero().squeeze(1)] = ok
+            changed = y.new_zeros(())
+            if recheck and ver.any():  # only a verified sample can lose its verdict
+                v = ver.nonzero().squeeze(1)
+                ok = verified(sound_margins(model64, x8[v].cpu(), y[v].cpu(), eps), y[v].cpu())
+                changed, ver[v] = (~ok).sum().to(ver.device), ok.to(ver.device)
             # A real attack inside the box: it may never beat a margin that IBP verified.
             attacked = wrong.clone()
             if pgd_steps and eps > 0:

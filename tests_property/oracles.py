@@ -1,12 +1,16 @@
-"""The tolerance table and the regularizer oracle shared by test_ibp.py and the property tests.
+"""The tolerance table, the regularizer oracle and the exact IBP oracle shared by test_ibp.py,
+test_rounding.py and the property tests.
 
 Nothing here copies ibp_short_warmup: the regularizer oracle is the paper's Eq. (7) and (8)
-written out in plain Python floats, neuron by neuron; the tolerances say how far a value computed
-by the code may be from its oracle, per dtype.
+written out in plain Python floats, neuron by neuron; the exact IBP oracle is Eq. (3) written out
+in rational arithmetic (fractions.Fraction), output by output; the tolerances say how far a value
+computed by the code may be from its oracle, per dtype.
 """
 import math
+from fractions import Fraction
 
 import torch
+import torch.nn as nn
 
 # ---- Tolerances, named once ------------------------------------------------------------------
 # A value may differ from its oracle (or leave its bounds) by at most
@@ -95,3 +99,130 @@ def regularizer_oracle(pre, tau):
                 relu += max(0.0, tau - ratio)
     m = len(flat) - 1
     return tight / (tau * m), relu / (tau * m), ratios, smallest, states
+
+
+# ---- Exact interval bound propagation, Eq. (3), in rational arithmetic -----------------------
+# Every float is a rational, so fractions.Fraction evaluates IBP without rounding from the stored
+# parameters. Eq. (3) is written out as lo' = W+ lo + W- up + b, up' = W+ up + W- lo + b, one output
+# at a time. A box is a pair of flat lists (one sample, C order) and its shape. The one irrational
+# step, BN's sqrt(var + eps), is enclosed by integer square roots to 2^-SQRT_BITS: the boxes are
+# then the exact ones widened by about 2^-SQRT_BITS relative, far below a float64 ulp (2^-52).
+SQRT_BITS = 100
+
+
+def exact(t):
+    """A tensor's values as a flat list of Fractions (float32 -> float64 -> Fraction: exact)."""
+    return [Fraction(v) for v in t.detach().double().flatten().tolist()]
+
+
+def sqrt_bounds(v):
+    """Rationals lo <= sqrt(v) <= hi for a rational v >= 0: isqrt(n) = floor(sqrt(n))."""
+    scale = 4 ** SQRT_BITS
+    return (Fraction(math.isqrt(math.floor(v * scale)), 2 ** SQRT_BITS),
+            Fraction(math.isqrt(math.ceil(v * scale)) + 1, 2 ** SQRT_BITS))
+
+
+def exact_affine(lo, up, rows, bias):
+    """Eq. (3) for an affine layer; rows[o] = {input index: weight} (the non-zero weights)."""
+    out_lo, out_up = [], []
+    for row, b in zip(rows, bias):
+        low = high = b
+        for i, w in row.items():
+            low += w * (lo[i] if w > 0 else up[i])
+            high += w * (up[i] if w > 0 else lo[i])
+        out_lo.append(low)
+        out_up.append(high)
+    return out_lo, out_up
+
+
+def conv_rows(conv, shape):
+    """The rows of an nn.Conv2d (zero padding, stride, dilation, groups) on inputs of shape
+    (C, H, W), written from its definition, and the output shape."""
+    cin, h, w = shape
+    cout, per_group, kh, kw = conv.weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    weight = conv.weight.detach().double().tolist()
+    rows = []
+    for o in range(cout):
+        first = o // (cout // conv.groups) * per_group  # first input channel of o's group
+        for i in range(oh):
+            for j in range(ow):
+                row = {}
+                for ci in range(per_group):
+                    for a in range(kh):
+                        for b in range(kw):
+                            y, x = i * sh - ph + a * dh, j * sw - pw + b * dw
+                            if 0 <= y < h and 0 <= x < w:  # a padded input contributes 0
+                                row[((first + ci) * h + y) * w + x] = Fraction(weight[o][ci][a][b])
+                rows.append(row)
+    return rows, (cout, oh, ow)
+
+
+def exact_forward(module, lo, up, shape, boxes):
+    """Exact Eq. (3) through `module` (eval mode), appending the box after every module of every
+    Sequential to `boxes` (the order of a depth-first walk). Returns (lo, up, shape)."""
+    import ibp_short_warmup as M  # only for its two module classes, Normalize and Residual
+    per_channel = math.prod(shape[1:])  # consecutive elements of one channel
+    if isinstance(module, nn.Sequential):
+        for layer in module:
+            lo, up, shape = exact_forward(layer, lo, up, shape, boxes)
+            boxes.append((lo, up))
+        return lo, up, shape
+    if isinstance(module, nn.Linear):
+        rows = [{i: w for i, w in enumerate(exact(row))} for row in module.weight]
+        bias = exact(module.bias) if module.bias is not None else [Fraction(0)] * len(rows)
+        return (*exact_affine(lo, up, rows, bias), (len(rows),))
+    if isinstance(module, nn.Conv2d):
+        rows, out = conv_rows(module, shape)
+        b = exact(module.bias) if module.bias is not None else [Fraction(0)] * out[0]
+        return (*exact_affine(lo, up, rows, [b[k // (out[1] * out[2])] for k in range(len(rows))]),
+                out)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        # t -> w (t - mean) + beta, w = gamma / sqrt(var + eps) in [w_lo, w_hi]: the corners
+        gamma, beta, mean, var = (exact(p) for p in (module.weight, module.bias,
+                                                     module.running_mean, module.running_var))
+        out_lo, out_up = [], []
+        for k in range(len(lo)):
+            ch = k // per_channel
+            s_lo, s_hi = sqrt_bounds(var[ch] + Fraction(module.eps))
+            ws = (gamma[ch] / s_lo, gamma[ch] / s_hi)
+            corners = [w * (t - mean[ch]) for w in ws for t in (lo[k], up[k])]
+            out_lo.append(min(corners) + beta[ch])
+            out_up.append(max(corners) + beta[ch])
+        return out_lo, out_up, shape
+    if isinstance(module, M.Normalize):
+        mean, std = exact(module.mean), exact(module.std)
+        pairs = [((lo[k] - mean[k // per_channel]) / std[k // per_channel],
+                  (up[k] - mean[k // per_channel]) / std[k // per_channel]) for k in range(len(lo))]
+        return [min(p) for p in pairs], [max(p) for p in pairs], shape
+    if isinstance(module, nn.ReLU):
+        return [max(v, 0) for v in lo], [max(v, 0) for v in up], shape
+    if isinstance(module, M.Residual):  # Eq. (3) for a sum: lowers add, uppers add
+        lb, ub, out = exact_forward(module.branch, lo, up, shape, boxes)
+        ls, us, _ = exact_forward(module.shortcut, lo, up, shape, boxes)
+        return [a + b for a, b in zip(lb, ls)], [a + b for a, b in zip(ub, us)], out
+    if isinstance(module, nn.Flatten):
+        return lo, up, (len(lo),)
+    if isinstance(module, nn.Identity):
+        return lo, up, shape
+    raise TypeError(f'no exact rule for {type(module).__name__}')
+
+
+def exact_margins(model, x8, y, eps):
+    """Exact IBP of one sample (uint8 pixels x8, label y): the input box [max(0, x8/255 - eps),
+    min(1, x8/255 + eps)] with eps the float64 value, the boxes of model[:-1] (as exact_forward),
+    and the lower bounds of the margins z_y - z_j through the folded rows W_y - W_j (Eq. (3)),
+    None at j = y."""
+    e = Fraction(eps)
+    pix = [Fraction(int(v), 255) for v in x8.flatten().tolist()]
+    lo, up = [max(p - e, 0) for p in pix], [min(p + e, 1) for p in pix]
+    boxes = []
+    lo, up, _ = exact_forward(model[:-1], lo, up, tuple(x8.shape), boxes)
+    weight = [exact(row) for row in model[-1].weight]
+    bias = exact(model[-1].bias)
+    margins = []
+    for j in range(len(weight)):
+        rows = [{i: a - b for i, (a, b) in enumerate(zip(weight[y], weight[j]))}]
+        margins.append(None if j == y else exact_affine(lo, up, rows, [bias[y] - bias[j]])[0][0])
+    return boxes, margins
