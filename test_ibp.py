@@ -723,7 +723,7 @@ def kink_distance(model, x, y, eps, tau):
             h.remove()
     assert len(clean) == len(pre) - 1
     ends = [torch.cat([(c - r).flatten(), (c + r).flatten()]) for c, r in pre[1:]] + clean
-    _, _, ratios, _, _ = regularizer_oracle(pre, tau)
+    ratios = regularizer_oracle(pre, tau).ratios
     return min([e.abs().min().item() for e in ends] +
                [abs(v - tau) for v in ratios] + [abs(v - 1) for v in ratios])
 

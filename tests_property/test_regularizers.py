@@ -49,13 +49,14 @@ def pre_lists(draw, dtype=torch.float64, max_layers=4):
 def assert_matches_oracle(pre, tau):
     """warmup_regularizers against the oracle: the ReLU-state fractions always, L_tightness and
     L_relu where no ratio is degenerate."""
-    tight, relu, _, smallest, states = regularizer_oracle(pre, tau)
+    oracle = regularizer_oracle(pre, tau)
     lt, lr, st_ = M.warmup_regularizers(pre, tau)
-    P.assert_close(st_, torch.tensor(states, dtype=st_.dtype), 'active/inactive/unstable fractions',
+    P.assert_close(st_, torch.tensor(oracle.states, dtype=st_.dtype),
+                   'active/inactive/unstable fractions', scale=1.0)
+    assume(oracle.smallest > 1e-9)
+    P.assert_close(lt, torch.tensor(oracle.tightness, dtype=torch.float64), 'L_tightness',
                    scale=1.0)
-    assume(smallest > 1e-9)
-    P.assert_close(lt, torch.tensor(tight, dtype=torch.float64), 'L_tightness', scale=1.0)
-    P.assert_close(lr, torch.tensor(relu, dtype=torch.float64), 'L_relu', scale=1.0)
+    P.assert_close(lr, torch.tensor(oracle.relu, dtype=torch.float64), 'L_relu', scale=1.0)
 
 
 @given(pre=pre_lists(), tau=taus)
@@ -85,9 +86,9 @@ def test_regularizers_vanish_exactly_when_every_ratio_is_within_tau_and_only_the
     """With tau just below every constrained ratio (tau <= E(Delta_0)/E(Delta_i), tau <= alpha,
     beta <= 1/tau) both regularizers are exactly 0; with tau just above the smallest one, one is
     > 0."""
-    _, _, ratios, smallest, _ = regularizer_oracle(pre, 1.0)
-    low = min(ratios)
-    assume(smallest > 1e-9 and 1e-2 < low)
+    oracle = regularizer_oracle(pre, 1.0)
+    ratios, low = oracle.ratios, min(oracle.ratios)
+    assume(oracle.smallest > 1e-9 and 1e-2 < low)
     tau = min(1.0, low) * (1 - 1e-3)
     lt, lr, _ = M.warmup_regularizers(pre, tau)
     assert lt.item() == 0.0 and lr.item() == 0.0, (lt.item(), lr.item(), tau, ratios)
