@@ -35,7 +35,6 @@ KINK_MARGIN = 100 * FD['eps']
 # its standard errors away from its expectation.
 Z = 5.0
 HALF_NORMAL_CV = math.sqrt(math.pi / 2 - 1)  # sd / mean of |N(0, s^2)|
-UNIFORM_ABS_CV = 1 / math.sqrt(3)  # sd / mean of |U(-a, a)|
 GAIN_TOL = 0.15  # relative, a measured difference gain E(Delta_i)/E(Delta_{i-1}) (noise < 3%)
 GAIN_EQ6_TOL = 0.05  # relative, Eq. (6)'s n/2 E|W| of >= 432 drawn weights vs its expectation
 PARAM_COUNT_TOL = 0.01  # relative, a model's parameter count vs the one quoted to 3 digits
