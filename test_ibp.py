@@ -1,5 +1,5 @@
 """The method's specification: Shi, Wang, Zhang, Yi, Hsieh, "Fast Certified Robust Training with
-Short Warmup", NeurIPS 2021, as ibp_short_warmup.py implements it, in the paper's order.
+Short Warmup", NeurIPS 2021, as ibp_short_warmup.py implements it, claim by claim.
 
 INDEX: each claim, and the test that proves it. T = this file; P = tests_property/ (Hypothesis
 properties: random networks, boxes and schedules; profiles in tests_property/conftest.py).
@@ -17,68 +17,89 @@ The design card's three properties
         P test_regularizers.py::test_each_regularizer_term_lies_in_0_tau (arbitrary boxes)
         P test_regularizers.py::test_each_term_on_real_bounds_lies_in_0_tau (model families)
 
-The paper, in its order
+The paper's claims, section by section, in the order of this file
   Sec. 2, Eq. (3): interval bound propagation
     worked by hand: a two-layer net with clipping and an unstable ReLU
         T test_two_layer_net_by_hand
-    the interval ReLU at its kinks, and its gradient        T test_interval_relu_at_the_kinks_by_hand
-    residual sums, input normalization                      T test_residual_and_normalize_by_hand
+    the interval ReLU at its kinks, and its gradient
+        T test_interval_relu_at_the_kinks_by_hand
+    residual sums, input normalization
+        T test_residual_and_normalize_by_hand
     every layer's rule is the exact range of that layer
         P test_soundness.py::test_each_layer_rule_returns_the_exact_range
     a sub-box gets nested bounds; a point box is the forward pass
         P test_soundness.py::test_nested_boxes_give_nested_bounds
-    eps = 0 gives the ordinary forward pass, every model      T test_eps_zero_bounds_equal_forward_pass
-    the boxes the regularizers read: input box and every ReLU input
+    eps = 0 gives the ordinary forward pass, for every model
+        T test_eps_zero_bounds_equal_forward_pass
+    the boxes the regularizers read: the input box and every ReLU input
         T test_pre_collects_normalized_input_and_every_relu_input
     the input box is the eps-ball clipped to [0, 1]
         P test_soundness.py::test_input_box_is_the_eps_ball_clipped_to_the_pixel_range
-    a layer without a rule is an error                       T test_unknown_layer_raises
-  Sec. 2: margins with the specification matrix C folded into the last layer
-    tighter than subtracting logit bounds, by hand (1.5 vs 1.15) T test_two_layer_net_by_hand
-    exact at the last layer, never looser, sound               P (a), the margin property
-    verified means every margin bound > 0, strictly            T test_verified_is_strict
+    a layer without a rule is an error
+        T test_unknown_layer_raises
+  Sec. 2: margins, with the specification matrix C folded into the last layer
+    tighter than subtracting logit bounds, by hand (1.5 against 1.15)
+        T test_two_layer_net_by_hand
+    exact at the last layer, never looser than subtracting, sound
+        P test_soundness.py::test_margin_lower_bounds_are_sound_and_exact_at_the_last_layer
+    verified means every margin bound > 0, strictly
+        T test_verified_is_strict
   Sec. 3.3.2: BN after every affine layer, with the clean batch's statistics
-    in training: the clean batch's mean and variance, by hand T test_bn_train_mode_by_hand
-    in evaluation: the running statistics, by hand            T test_bn_eval_mode_by_hand
+    in training: the clean batch's mean and variance, by hand
+        T test_bn_train_mode_by_hand
+    in evaluation: the running statistics, by hand
+        T test_bn_eval_mode_by_hand
     equal to nn.BatchNorm itself: values, gradients through the statistics (not detached),
-    running statistics, momentum None                         T test_bn_affine_matches_nn_batchnorm
-    conv and BN folded into one convolution                   T test_conv_bn_fold_equals_conv_then_bn
-    the statistics carry gradients (gradcheck)     P test_soundness.py::test_bn_statistics_carry_gradients
+    running statistics, momentum None
+        T test_bn_affine_matches_nn_batchnorm
+    conv and BN folded into one convolution
+        T test_conv_bn_fold_equals_conv_then_bn
+    the statistics carry gradients (gradcheck)
+        P test_soundness.py::test_bn_statistics_carry_gradients
     running statistics as PyTorch updates them
         P test_soundness.py::test_bn_running_statistics_updated_as_pytorch_does
   Sec. 4.1: the three models
-    parameter counts and ReLU layers on CIFAR-10    T test_cifar_parameter_counts_and_relu_layers
-    TinyImageNet variants                           T test_tinyimagenet_fc_input_sizes
-  Sec. 3.3.1, Eq. (5)-(6): the IBP initialization
-    sigma = sqrt(2 pi) / n_i, fan-ins by hand; classifier, biases, BN untouched
+    parameter counts and ReLU layers on CIFAR-10
+        T test_cifar_parameter_counts_and_relu_layers
+    the TinyImageNet variants
+        T test_tinyimagenet_fc_input_sizes
+  Sec. 3.3.1, Eq. (5) and (6): the IBP initialization
+    sigma = sqrt(2 pi) / n_i with fan-ins by hand; classifier, biases and BN untouched
         T test_ibp_init_sigma_and_what_it_leaves
-    residual calibration: layers fed by ReLU(add) halved      T test_ibp_init_residual_calibration
-        P test_init_gain.py::test_ibp_init_of_the_model_families (every family, data-flow oracle)
+    residual calibration: the layers fed by ReLU(add) halved
+        T test_ibp_init_residual_calibration
+        P test_init_gain.py::test_ibp_init_of_the_model_families (every family)
     the gain is about 1: see (b)
   Sec. 3.3.3, Eq. (7) and (8): the warmup regularizers
-    exact values by hand (strict active/inactive, pooled statistics)
-        T test_regularizers_exact_value_by_hand, test_regularizer_beta_term_by_hand,
-          test_interval_relu_at_the_kinks_by_hand
-    zero when every ratio is within tau                T test_regularizers_zero_when_ratios_within_tau
-        P test_regularizers.py::test_regularizers_vanish_exactly_when_every_ratio_is_within_tau_and_only_then
+    exact values by hand (strict active/inactive, statistics pooled over batch and layer)
+        T test_regularizers_exact_value_by_hand
+        T test_regularizer_beta_term_by_hand
+        T test_interval_relu_at_the_kinks_by_hand
+    zero when every ratio is within tau, and only then
+        T test_regularizers_zero_when_ratios_within_tau
+        P test_regularizers.py::test_regularizers_vanish_exactly_when_every_ratio_is_within_tau
         P test_regularizers.py::test_regularizers_are_exactly_zero_on_balanced_bounds
-    equal to the formulas on arbitrary and on real boxes
+    equal to the formulas, on arbitrary and on real boxes
         P test_regularizers.py::test_regularizers_match_the_paper_formulas
         P test_regularizers.py::test_regularizers_on_real_bounds_match_the_oracle
     each term in [0, tau]: see (c); L_tightness = 1 for a point input box
         P test_regularizers.py::test_tightness_is_1_when_the_input_box_is_a_point
   Eq. (9) and (10): the objective
-    robust loss, lambda times the switched-on regularizers, cross-entropy at eps = 0, by hand
+    robust loss + lambda (switched-on regularizers); cross-entropy at eps = 0; by hand
         T test_objective_eq10_by_hand
-    the Objective module that DDP and --compile wrap           T test_objective_is_batch_loss_as_a_module
+    the Objective module that DDP and --compile wrap
+        T test_objective_is_batch_loss_as_a_module
     its gradient equals finite differences of the whole loss
         T test_whole_objective_gradient_matches_finite_differences
-  Sec. 3.4 and 4.1: schedules and defaults
-    eps per batch: worked values, continuity of value and slope T test_eps_schedule_worked_values
+  Sec. 3.4 and 4.1: the schedules and each dataset's defaults
+    eps per batch: worked values, continuity of value and slope
+        T test_eps_schedule_worked_values
         P test_schedules.py::test_eps_schedule_shape
-    lambda = lambda_0 (1 - eps / eps_target)                   T test_lambda_worked_values
+    lambda = lambda_0 (1 - eps / eps_target)
+        T test_lambda_worked_values
         P test_schedules.py::test_lambda_follows_eps_from_lambda0_to_0
-    LR milestones and each dataset's defaults      T test_lr_milestones_and_dataset_defaults
+    LR milestones, and each dataset's defaults
+        T test_lr_milestones_and_dataset_defaults
         P test_schedules.py::test_lr_steps_down_by_lr_decay_right_after_each_milestone
 
 Plumbing lives in its own files: test_cli.py (flags, one-line errors), test_training_runs.py (the
@@ -94,7 +115,6 @@ arithmetic in the paper's lower/upper form, finite differences of the whole trai
 The tolerance table and the oracles are shared with the properties: tests_property/oracles.py.
 """
 import copy
-import dataclasses
 import math
 
 import pytest

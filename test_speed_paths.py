@@ -140,4 +140,5 @@ def test_compiled_objective_gives_the_eager_step():
     for k in ('loss', 'l_tightness', 'l_relu', 'train_err', 'train_ver_err', 'relu'):
         torch.testing.assert_close(s_c[k], s_e[k], **F32)
     g_c, g_e = flat(p.grad for p in m_c.parameters()), flat(p.grad for p in m_e.parameters())
-    torch.testing.assert_close(g_c, g_e, rtol=F32['rtol'], atol=F32['atol'] * g_e.abs().max().item())
+    torch.testing.assert_close(g_c, g_e, rtol=F32['rtol'],
+                               atol=F32['atol'] * g_e.abs().max().item())

@@ -104,7 +104,7 @@ def test_each_regularizer_term_lies_in_0_tau(pre, tau):
 
 
 @given(pre=pre_lists(), data=st.data())
-def test_regularizers_vanish_exactly_when_every_ratio_is_within_tau_and_only_then(pre, data):
+def test_regularizers_vanish_exactly_when_every_ratio_is_within_tau(pre, data):
     """With tau just below every constrained ratio (tau <= E(Delta_0)/E(Delta_i), tau <= alpha,
     beta <= 1/tau) both regularizers are exactly 0; with tau just above the smallest one, one is
     > 0."""
@@ -127,7 +127,8 @@ def test_regularizers_are_exactly_zero_on_balanced_bounds(n, m, data):
     inactive) neuron at all; the input box is wide enough that E(Delta_0)/E(Delta_i) > tau."""
     tau = data.draw(st.one_of(st.just(1.0), taus), label='tau')
     dyadic = st.integers(1, 64).map(lambda k: k / 8)
-    # ISSUE17: 'no inactive' / 'no active' layers are expected to add 0; Eq. (8) gives them tau + tau
+    # ISSUE17: 'no inactive' / 'no active' layers are expected to add 0; Eq. (8) gives them
+    # tau + tau
     kinds = st.sampled_from(['balanced', 'balanced', 'no inactive', 'no active'])
     pre, balanced = [], []
     for _ in range(m):
