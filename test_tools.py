@@ -87,6 +87,7 @@ def backend_flags():
 def test_diagnose_init_cli_prints_three_inits(capsys, backend_flags):
     """--diagnose-init: a table per init (default, Kaiming, IBP) and BN variant, a row per ReLU
     with the fan-in and Eq. (6)'s gain, each gain the expected one of its init's distribution."""
+    # ISSUE17: becomes ibp_tools.main(['diagnose-init', '--dataset', 'synthetic', ...])
     assert ibp.main(['--diagnose-init', '--dataset', 'synthetic', '--width', '0.25',
                      '--device', 'cpu']) == 0
     out = capsys.readouterr().out
@@ -110,6 +111,7 @@ def test_benchmark_cli_writes_three_variants_and_ratios(tmp_path, capsys, backen
     """--benchmark: benchmark.json with the three variants' step times and their ratios, the
     median over rounds of the per-round ratios. (No timing is asserted.)"""
     out = tmp_path / 'bench'
+    # ISSUE17: becomes ibp_tools.main(['benchmark', '--benchmark-steps', '3', '--dataset', ...])
     assert ibp.main(['--benchmark', '--dataset', 'synthetic', '--width', '0.0625',
                      '--batch-size', '8', '--benchmark-steps', '3', '--device', 'cpu',
                      '--out-dir', str(out)]) == 0
