@@ -78,7 +78,7 @@ def regularizer_oracle(pre, tau):
       smallest: the smallest denominator of alpha and beta (to set degenerate ones aside);
       states: per layer the fractions of active (l > 0), inactive (u < 0) and unstable neurons
         (Figure 2)."""
-    flat = [([float(v) for v in c.flatten()], [float(v) for v in r.flatten()]) for c, r in pre]
+    flat = [(c.detach().flatten().tolist(), r.detach().flatten().tolist()) for c, r in pre]
     d0 = sum(flat[0][1]) / len(flat[0][1])
     terms, ratios, smallest, states = [], [], math.inf, []
     for c, r in flat[1:]:
