@@ -1,6 +1,6 @@
-"""Distributed training on the CPU: torchrun with 2 processes on Gloo (one log, statistics of the
-global batch), one DDP step against the single-process step on the mean gradient, and a
-one-process run resumed with two ranks."""
+"""Distributed training on the CPU: one DDP step against the single-process step on the mean
+gradient, and a one-process run continued by torchrun with 2 processes on Gloo (one log,
+statistics of the global batch)."""
 import json
 import os
 import socket
@@ -46,23 +46,6 @@ def check_epoch_stats_cover_the_global_batch(records):
         for row in r['relu_per_layer']:
             assert sum(row) == pytest.approx(1, abs=F32['atol']), (r['epoch'], row)
         assert 0 <= r['train_err'] <= 1 and 0 <= r['train_ver_err'] <= 1
-
-
-def test_torchrun_two_ranks_gloo(tmp_path):
-    out = tmp_path / 'run'
-    proc = torchrun(*TINY, '--out-dir', str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'Traceback' not in proc.stderr
-    assert epoch_lines(proc.stdout) == [1, 2, 3]  # only rank 0 prints: each epoch exactly once
-    assert sum(line.startswith('final') for line in proc.stdout.splitlines()) == 1
-    # no second log, no temporary file
-    assert sorted(os.listdir(out)) == ['last.pt', 'log.jsonl', 'metrics.json']
-    recs = [json.loads(line) for line in open(out / 'log.jsonl')]
-    assert [r['epoch'] for r in recs] == [1, 2, 3]
-    check_epoch_stats_cover_the_global_batch(recs)
-    metrics = json.load(open(out / 'metrics.json'))
-    assert metrics['world_size'] == 2 and metrics['final_epoch'] == 3 and metrics['test_size'] == 64
-    assert torch.load(out / 'last.pt', weights_only=True)['epoch'] == 3
 
 
 def ddp_config():
@@ -151,22 +134,29 @@ def test_ddp_step_equals_single_process_step_on_the_mean_gradient(tmp_path):
     torch.testing.assert_close(final, flat(model.parameters()), **F32)
 
 
-def test_resume_a_one_process_run_with_two_ranks(tmp_path, monkeypatch, capsys):
+def test_torchrun_two_ranks_resume_a_one_process_run(tmp_path, monkeypatch, capsys):
+    """A one-process run stopped after epoch 1, continued by `torchrun --nproc_per_node 2` on Gloo:
+    only rank 0 prints (each epoch once, one final line), logs and saves (no second log, no
+    temporary file); epoch 1's record is kept as it was; the epoch statistics cover the global
+    batch; the wall clock continues from the checkpoint."""
     out = str(tmp_path / 'run')
-    # one process, stopped after epoch 1
     assert stop_after_first_checkpoint(TINY + ['--out-dir', out], monkeypatch) == 130
     capsys.readouterr()
     first = open(os.path.join(out, 'log.jsonl')).read()
     assert [json.loads(line)['epoch'] for line in first.splitlines()] == [1]
     proc = torchrun(*TINY, '--out-dir', out, '--resume')
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr
     assert epoch_lines(proc.stdout) == [2, 3]
+    assert sum(line.startswith('final') for line in proc.stdout.splitlines()) == 1
+    assert sorted(os.listdir(out)) == ['last.pt', 'log.jsonl', 'metrics.json']
     log = open(os.path.join(out, 'log.jsonl')).read()
-    assert log.startswith(first)  # epoch 1's record kept as it was
+    assert log.startswith(first)
     recs = [json.loads(line) for line in log.splitlines()]
     assert [r['epoch'] for r in recs] == [1, 2, 3]
     check_epoch_stats_cover_the_global_batch(recs[1:])
     metrics = json.load(open(os.path.join(out, 'metrics.json')))
-    assert metrics['world_size'] == 2 and metrics['final_epoch'] == 3
-    # the wall clock continues from the checkpoint: the sum of the three epochs' seconds
+    assert (metrics['world_size'], metrics['final_epoch'], metrics['test_size']) == (2, 3, 64)
+    assert torch.load(os.path.join(out, 'last.pt'), weights_only=True)['epoch'] == 3
+    # the sum of the three epochs' seconds, the first from the one-process run
     assert metrics['wall_seconds'] == pytest.approx(sum(r['seconds'] for r in recs), rel=1e-9)
