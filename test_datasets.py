@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ibp_short_warmup as ibp
-from run_helpers import RunsCode, cli, main_stderr, one_error_line, tree_digest
+from run_helpers import RunsCode, main_stderr, one_error_line, tree_digest
 
 CPU = torch.device('cpu')
 
@@ -38,16 +38,17 @@ def test_augment_is_a_flip_and_edge_padded_crop():
     assert {ox for _, _, ox in seen} == set(range(2 * pad + 1))
 
 
-def test_missing_dataset_offline_is_one_line(tmp_path):
-    """A real process (no network here): CIFAR-10 in an empty folder is one line naming the dataset
-    and --data-dir, exit 2, no checkpoint."""
+def test_missing_dataset_offline_is_one_line(tmp_path, capsys):
+    """No network here: CIFAR-10 in an empty folder is one line naming the dataset and --data-dir,
+    exit 2, no checkpoint (torchvision's own output silenced)."""
     empty = tmp_path / 'data'
     empty.mkdir()
-    proc = cli('--dataset', 'cifar10', '--data-dir', str(empty), '--out-dir', str(tmp_path / 'run'),
-               '--epochs', '1', '--eps-start', '1', '--eps-length', '1', '--width', '0.0625',
-               '--train-size', '64', '--test-size', '64', timeout=180)
-    assert proc.returncode == 2
-    line = one_error_line(proc.stderr)
+    rc, err = main_stderr(['--dataset', 'cifar10', '--data-dir', str(empty), '--out-dir',
+                           str(tmp_path / 'run'), '--epochs', '1', '--eps-start', '1',
+                           '--eps-length', '1', '--width', '0.0625', '--train-size', '64',
+                           '--test-size', '64'], capsys)
+    assert rc == 2
+    line = one_error_line(err)
     assert 'cifar10' in line and '--data-dir' in line
     assert not os.path.exists(tmp_path / 'run' / 'last.pt')
 
