@@ -16,28 +16,6 @@ from run_helpers import (TINY, RunsCode, cli, main_stderr, one_error_line,
                          stop_after_first_checkpoint, tree_digest)
 
 
-def test_eval_checkpoint_prints_json(smoke):
-    """A real process certifies the smoke run's last.pt at its eps: the errors of metrics.json."""
-    proc, out = smoke
-    assert proc.returncode == 0
-    ev = cli('--eval-checkpoint', os.path.join(out, 'last.pt'), '--pgd-steps', '2')
-    assert ev.returncode == 0, ev.stderr
-    res = json.loads(ev.stdout.strip().splitlines()[-1])
-    metrics = json.load(open(os.path.join(out, 'metrics.json')))
-    assert res['epoch'] == 6 and res['eps'] == pytest.approx(4 / 255)
-    assert res['std_err'] == metrics['std_err'] and res['ver_err'] == metrics['ver_err']
-    assert res['pgd_err'] is not None
-
-
-def test_existing_run_is_protected(smoke, capsys):
-    proc, out = smoke
-    assert proc.returncode == 0
-    before = tree_digest(out)
-    assert ibp.main(['--smoke', '--out-dir', out]) == 2
-    assert 'already holds a run' in one_error_line(capsys.readouterr().err)
-    assert tree_digest(out) == before
-
-
 def test_checkpoint_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch, capsys):
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
     assert ibp.main(TINY + ['--out-dir', a]) == 0
@@ -139,6 +117,13 @@ def test_read_checkpoint_would_run_the_payload_without_weights_only(kind, tmp_pa
     assert marker.exists()
 
 
+def test_existing_run_is_protected(tiny_run, capsys):
+    before = tree_digest(tiny_run)
+    assert ibp.main(RUN_FLAGS + ['--out-dir', str(tiny_run)]) == 2
+    assert 'already holds a run' in one_error_line(capsys.readouterr().err)
+    assert tree_digest(tiny_run) == before
+
+
 EVAL_BAD = ['missing', 'truncated', 'text', 'tensor', 'code_zip', 'code_pickle', 'misfit']
 
 
@@ -190,8 +175,7 @@ def test_resume_refuses_a_bad_last_pt_with_one_line(kind, tiny_run, other_run, t
     assert tree_digest(tmp_path) == before
 
 
-@pytest.mark.parametrize('mode,kind', [('eval', 'code_zip'), ('eval', 'code_pickle'),
-                                       ('resume', 'code_zip')])
+@pytest.mark.parametrize('mode,kind', [('eval', 'code_pickle'), ('resume', 'code_zip')])
 def test_code_running_checkpoint_through_the_real_cli(mode, kind, tiny_run, tmp_path):
     """A real process: stderr holds nothing but the one error line (no warning, no traceback)."""
     run, marker = tmp_path / 'run', tmp_path / 'marker'
@@ -208,13 +192,15 @@ def test_code_running_checkpoint_through_the_real_cli(mode, kind, tiny_run, tmp_
     assert tree_digest(tmp_path) == before
 
 
-def test_good_checkpoint_loads_safely_and_reproduces_the_metrics(tiny_run, capsys):
-    """The real last.pt loads with weights_only=True; --eval-checkpoint reproduces metrics.json."""
-    ck = torch.load(tiny_run / 'last.pt', weights_only=True)
-    assert ck['epoch'] == 2
+def test_eval_checkpoint_certifies_a_good_checkpoint(tiny_run):
+    """A real process: the run's last.pt (which loads with weights_only=True) certified at its eps
+    prints one JSON line with the errors of the run's metrics.json, and a PGD error."""
+    assert torch.load(tiny_run / 'last.pt', weights_only=True)['epoch'] == 2
+    proc = cli('--eval-checkpoint', str(tiny_run / 'last.pt'), '--device', 'cpu')
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
     metrics = json.load(open(tiny_run / 'metrics.json'))
-    capsys.readouterr()
-    assert ibp.main(['--eval-checkpoint', str(tiny_run / 'last.pt'), '--device', 'cpu']) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res['epoch'] == 2 and res['eps'] == pytest.approx(4 / 255)
     for k in ('std_err', 'ver_err'):
         assert res[k] == metrics[k], k
+    assert res['pgd_err'] is not None
