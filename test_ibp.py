@@ -742,7 +742,9 @@ def test_whole_objective_gradient_matches_finite_differences(family, eps):
     def loss(*values):
         return torch.func.functional_call(objective, dict(zip(names, values)), (x, y, eps, lam))[0]
 
-    assert torch.autograd.gradcheck(loss, params, **FD)
+    # ResNeXt: gradcheck's fast mode (a random projection of the Jacobian, 2 evaluations per
+    # parameter tensor instead of 2 per weight: 1 s instead of 10); CNN-7 element by element
+    assert torch.autograd.gradcheck(loss, params, fast_mode=family == 'resnext', **FD)
 
 
 # ----------------------------------------------------------------------------------------------
