@@ -127,8 +127,8 @@ from ibp_short_warmup import (Config, Normalize, Residual, build_model, cnn7, da
                               fan_in, ibp_forward, ibp_init_, ibp_margins, input_box, lam_at, lr_at,
                               resnext, resolve, robust_loss, verified, warmup_regularizers,
                               wide_resnet)
-from oracles import (FD, GAIN_TOL, KINK_MARGIN, PARAM_COUNT_TOL, TOL, abs_mean_tol, interval_radii,
-                     mean_tol, regularizer_oracle, std_tol)
+from oracles import (FD, GAIN_TOL, KINK_MARGIN, PARAM_COUNT_TOL, TOL, abs_mean_tol, fan_in_of,
+                     interval_radii, mean_tol, regularizer_oracle, std_tol)
 
 D = torch.float64
 F32 = torch.float32
@@ -516,7 +516,7 @@ def test_ibp_init_residual_calibration(family):
     classifier = affine[-1]
     assert classifier is mods[-1] and len(halved) == 4
     for m in affine[:-1]:
-        ratio = m.weight.std().item() * fan_in(m) / math.sqrt(2 * math.pi)
+        ratio = m.weight.std().item() * fan_in_of(m) / math.sqrt(2 * math.pi)
         expect = 0.5 if id(m) in halved else 1.0
         assert abs(ratio / expect - 1) < std_tol(m.weight.numel()), (m, ratio, expect)
     ratio = classifier.weight.std().item() * math.sqrt(3 * classifier.in_features)  # 1/sqrt(3n)

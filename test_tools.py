@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import ibp_short_warmup as ibp
 import ibp_tools
-from oracles import GAIN_EQ6_TOL, TOL, interval_radii
+from oracles import GAIN_EQ6_TOL, TOL, fan_in_of, interval_radii
 
 REL = TOL[torch.float32]['rtol']  # init_gains runs in float32
 EPS = 8 / 255
@@ -27,7 +27,7 @@ def with_hand_gains(model):
     with torch.no_grad():
         for k, m in enumerate(affine, 1):
             signs = torch.randint(0, 2, m.weight.shape, generator=g) * 2 - 1
-            m.weight.copy_(signs * (2 * k / m.weight[0].numel()))
+            m.weight.copy_(signs * (2 * k / fan_in_of(m)))
     return model
 
 

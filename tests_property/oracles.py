@@ -109,6 +109,15 @@ def regularizer_oracle(pre, tau):
                                  smallest=smallest, states=states)
 
 
+# ---- Fan-in: the n_i of Eq. (5) and (6) ------------------------------------------------------
+def fan_in_of(layer):
+    """The number of inputs of one output of a Linear or Conv2d, from the layer's attributes:
+    in_features, or (in_channels / groups) x the kernel's area."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    return layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+
+
 # ---- Bounds by lower/upper interval arithmetic (Eq. 3 as the paper writes it) -----------------
 def interval_radii(model, x, eps):
     """Mean box half-width after Normalize and at every ReLU input of a plain Sequential (Normalize,

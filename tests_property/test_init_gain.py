@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import ibp_short_warmup as M
 import prop_support as P
-from oracles import GAIN_TOL, abs_mean_tol, mean_tol, std_tol
+from oracles import GAIN_TOL, abs_mean_tol, fan_in_of, mean_tol, std_tol
 
 
 @st.composite
@@ -117,7 +117,7 @@ def test_ibp_init_of_the_model_families(family, big, width, seed):
     if name != 'cnn7':
         assert halved, 'a residual network without any layer fed by ReLU(add)'
     for i, m in enumerate(affine[:-1]):
-        w, n = m.weight.detach().double(), m.weight[0].numel()  # fan-in: (in_channels / groups) k k
+        w, n = m.weight.detach().double(), fan_in_of(m)
         k = w.numel()
         expect = 0.5 if id(m) in halved else 1.0
         gain = n / 2 * w.abs().mean().item()
