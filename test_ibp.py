@@ -243,6 +243,9 @@ def test_interval_relu_at_the_kinks_by_hand():
     close(l_relu, (1 / 12 + 3 / 4 - 81 / 121) / 0.75)
 
 
+# Beyond these hand examples, soundness for random networks, the three model families and random
+# boxes (sampled points, corners, gradient ascent) is a Hypothesis property: see (a) in the index,
+# tests_property/test_soundness.py.
 def test_unknown_layer_raises():
     with pytest.raises(TypeError):
         ibp_forward(nn.Sequential(nn.Tanh()), t([[0.0]]), t([[0.0]]), t([[0.0]]))
