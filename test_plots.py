@@ -1,15 +1,18 @@
 """Tests of plot_runs.py: the figures draw the values of hand-written run files.
 
 The run files (log.jsonl, metrics.json, diagnosis.json, format in README.md) are written here from
-known values, so nothing but the last test trains; that one plots a real --smoke run end to end.
+known values, so nothing but the last test trains; that one plots the session's real --smoke run
+(conftest.py) end to end.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+import ibp_tools
 import plot_runs
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -223,17 +226,13 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert res.stderr == f'error: {run}/log.jsonl, line 5: not JSON\n'
 
 
-def test_end_to_end_smoke_run(tmp_path, plt):
-    # A real (tiny) training run and init diagnosis, plotted: the log format is the script's own.
+def test_end_to_end_smoke_run(smoke, tmp_path, plt):
+    # A real (tiny) training run (the session's --smoke run, conftest.py) and an init diagnosis
+    # written beside it, plotted: the log format is the script's own.
+    assert smoke[0].returncode == 0, smoke[0].stderr
     run = str(tmp_path / 'smoke')
-    common = ['--smoke', '--out-dir', run]
-    for script, extra in [('ibp_tools.py', ['diagnose-init']),
-                          ('ibp_short_warmup.py', ['--epochs', '3', '--eps-start', '1',
-                                                   '--eps-length', '2', '--lr-milestones', '3',
-                                                   '--train-size', '128', '--test-size', '64',
-                                                   '--pgd-steps', '2'])]:
-        subprocess.run([sys.executable, os.path.join(REPO, script)] + extra + common, check=True,
-                       timeout=300, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    shutil.copytree(smoke[1], run)
+    assert ibp_tools.main(['diagnose-init', '--smoke', '--out-dir', run]) == 0
     assert os.path.exists(os.path.join(run, 'diagnosis.json')), \
         'diagnose-init --out-dir D wrote no D/diagnosis.json'
     res = subprocess.run([sys.executable, os.path.join(REPO, 'plot_runs.py'), run, '--out',
@@ -243,4 +242,4 @@ def test_end_to_end_smoke_run(tmp_path, plt):
     with open(os.path.join(run, 'log.jsonl')) as f:
         logged = [json.loads(line)['test_ver_err'] for line in f]
     top = plot_runs.fig_curves(plt, [plot_runs.load_run(run, 'smoke')]).axes[0]
-    assert len(logged) == 3 and ydata(top.lines[1]) == pytest.approx(logged)
+    assert len(logged) == 6 and ydata(top.lines[1]) == pytest.approx(logged)

@@ -1,16 +1,18 @@
-"""The tolerance table, the regularizer oracle and the exact IBP oracle shared by test_ibp.py,
-test_rounding.py and the property tests.
+"""The tolerance table and the oracles shared by the top-level tests and the property tests.
 
 Nothing here copies ibp_short_warmup: the regularizer oracle is the paper's Eq. (7) and (8)
-written out in plain Python floats, neuron by neuron; the exact IBP oracle is Eq. (3) written out
-in rational arithmetic (fractions.Fraction), output by output; the tolerances say how far a value
-computed by the code may be from its oracle, per dtype.
+written out in plain Python floats, neuron by neuron; interval_radii is Eq. (3) in the paper's
+lower/upper form; the exact IBP oracle is Eq. (3) in rational arithmetic (fractions.Fraction),
+output by output; the tolerances say how far a value computed by the code may be from its
+oracle, per dtype.
 """
 import math
+import types
 from fractions import Fraction
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # ---- Tolerances, named once ------------------------------------------------------------------
 # A value may differ from its oracle (or leave its bounds) by at most
@@ -35,7 +37,6 @@ KINK_MARGIN = 100 * FD['eps']
 # its standard errors away from its expectation.
 Z = 5.0
 HALF_NORMAL_CV = math.sqrt(math.pi / 2 - 1)  # sd / mean of |N(0, s^2)|
-UNIFORM_ABS_CV = 1 / math.sqrt(3)  # sd / mean of |U(-a, a)|
 GAIN_TOL = 0.15  # relative, a measured difference gain E(Delta_i)/E(Delta_{i-1}) (noise < 3%)
 GAIN_EQ6_TOL = 0.05  # relative, Eq. (6)'s n/2 E|W| of >= 432 drawn weights vs its expectation
 PARAM_COUNT_TOL = 0.01  # relative, a model's parameter count vs the one quoted to 3 digits
@@ -70,35 +71,79 @@ DIV_GUARD = 1e-12  # E(Delta_i) is taken as at least this (the paper leaves 0 / 
 def regularizer_oracle(pre, tau):
     """Eq. (7) and (8) on the boxes pre = [(c_0, r_0), ..., (c_m, r_m)] (pre[0] the normalized input
     box, pre[i] the box at the input of ReLU layer i; each pooled over the batch and the layer),
-    in Python floats. Returns (L_tightness, L_relu, ratios, smallest, states): every ratio the
-    constraints ask to be >= tau (E(Delta_0)/E(Delta_i), min(alpha, 1/alpha), min(beta, 1/beta));
-    the smallest denominator of alpha and beta (to set degenerate ones aside); per layer the
-    fractions of active (l > 0), inactive (u < 0) and unstable neurons (Figure 2). A one-sided
-    layer (only active, or only inactive, stable neurons) has alpha = 0 or infinity: its two
-    ReLU terms are tau each; a layer with no stable neuron (alpha = 0/0) adds nothing."""
-    flat = [([float(v) for v in c.flatten()], [float(v) for v in r.flatten()]) for c, r in pre]
+    in Python floats. Returns a namespace with
+      tightness, relu: L_tightness and L_relu;
+      terms: per layer i, its ReLU(.) terms (tightness, alpha, beta), alpha and beta None where the
+        layer's ReLU term is skipped;
+      ratios: every ratio the constraints ask to be >= tau (E(Delta_0)/E(Delta_i),
+        min(alpha, 1/alpha), min(beta, 1/beta));
+      smallest: the smallest denominator of alpha and beta (to set degenerate ones aside);
+      states: per layer the fractions of active (l > 0), inactive (u < 0) and unstable neurons
+        (Figure 2)."""
+    flat = [(c.detach().flatten().tolist(), r.detach().flatten().tolist()) for c, r in pre]
     d0 = sum(flat[0][1]) / len(flat[0][1])
-    tight, relu, ratios, smallest, states = 0.0, 0.0, [], math.inf, []
+    terms, ratios, smallest, states = [], [], math.inf, []
     for c, r in flat[1:]:
         di = sum(r) / len(r)
         ratio = d0 / max(di, DIV_GUARD)
         ratios.append(ratio)
-        tight += max(0.0, tau - ratio)
+        layer = [max(0.0, tau - ratio), None, None]
         act = [i for i in range(len(c)) if c[i] - r[i] > 0]
         inact = [i for i in range(len(c)) if c[i] + r[i] < 0]
         states.append([len(act) / len(c), len(inact) / len(c),
                        1 - (len(act) + len(inact)) / len(c)])
+        # A one-sided layer (only active, or only inactive, stable neurons) has alpha = 0 or
+        # infinity: min(alpha, 1/alpha) = 0 and each term is tau. Only a layer with neither kind
+        # (alpha = 0/0, undefined) adds nothing.
         if act or inact:
             mu = sum(c) / len(c)
             pairs = [(sum(c[i] for i in act), -sum(c[i] for i in inact)),
                      (sum((c[i] - mu) ** 2 for i in act), sum((c[i] - mu) ** 2 for i in inact))]
-            for p, q in pairs:
+            for k, (p, q) in enumerate(pairs):
                 smallest = min(smallest, max(p, q))
                 ratio = min(p / q, q / p) if p > 0 and q > 0 else 0.0  # min(alpha, 1/alpha)
                 ratios.append(ratio)
-                relu += max(0.0, tau - ratio)
+                layer[1 + k] = max(0.0, tau - ratio)
+        terms.append(layer)
     m = len(flat) - 1
-    return tight / (tau * m), relu / (tau * m), ratios, smallest, states
+    tight = sum(t for t, _, _ in terms) / (tau * m)
+    relu = sum((a or 0.0) + (b or 0.0) for _, a, b in terms) / (tau * m)
+    return types.SimpleNamespace(tightness=tight, relu=relu, terms=terms, ratios=ratios,
+                                 smallest=smallest, states=states)
+
+
+# ---- Fan-in: the n_i of Eq. (5) and (6) ------------------------------------------------------
+def fan_in_of(layer):
+    """The number of inputs of one output of a Linear or Conv2d, from the layer's attributes:
+    in_features, or (in_channels / groups) x the kernel's area."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    return layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+
+
+# ---- Bounds by lower/upper interval arithmetic (Eq. 3 as the paper writes it) -----------------
+def interval_radii(model, x, eps):
+    """Mean box half-width after Normalize and at every ReLU input of a plain Sequential (Normalize,
+    Conv2d, Linear, ReLU, Flatten; no BN), by Eq. (3) as the paper writes it: W+ and W- applied to
+    the lower and upper bounds. The code under test uses the centre-radius form instead."""
+    lo, up = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    means = []
+    for m in model[:-1]:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            f = (lambda t, w, b: F.conv2d(t, w, b, m.stride, m.padding, m.dilation, m.groups)) \
+                if isinstance(m, nn.Conv2d) else F.linear
+            wp, wn = m.weight.clamp(min=0), m.weight.clamp(max=0)
+            lo, up = f(lo, wp, m.bias) + f(up, wn, None), f(up, wp, m.bias) + f(lo, wn, None)
+        elif isinstance(m, nn.ReLU):
+            means.append(((up - lo) / 2).mean().item())
+            lo, up = F.relu(lo), F.relu(up)
+        elif isinstance(m, nn.Flatten):
+            lo, up = lo.flatten(1), up.flatten(1)
+        else:  # Normalize: (x - mean) / std with std > 0, monotone
+            assert type(m).__name__ == 'Normalize', m
+            lo, up = m(lo), m(up)
+            means.append(((up - lo) / 2).mean().item())
+    return means
 
 
 # ---- Exact interval bound propagation, Eq. (3), in rational arithmetic -----------------------

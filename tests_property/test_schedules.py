@@ -3,7 +3,8 @@
 Oracles: the schedules as the paper and the authors' release describe them. eps is 0 up to batch
 init = (start - 1) L, a (b - init)^4 up to
 a quarter of the ramp, then linear, eps_target from final = (start + length - 1) L on;
-lambda = lambda_0 (1 - eps / eps_target); the LR is multiplied by lr_decay after each milestone.
+lambda = lambda_0 (1 - eps / eps_target); the LR is multiplied by lr_decay after each milestone
+(checked step by step, not by a copy of the formula).
 """
 import math
 
@@ -63,14 +64,13 @@ def test_lambda_follows_eps_from_lambda0_to_0(ramp, lam0):
 
 @given(lr=st.floats(1e-6, 1.0), decay=st.floats(0.01, 1.0), epochs=st.integers(1, 200),
        marks=st.lists(st.integers(1, 200), max_size=4, unique=True))
-def test_lr_decays_after_each_milestone(lr, decay, epochs, marks):
-    """lr_at is non-increasing in the epoch, lr up to the first milestone (inclusive), multiplied by
-    lr_decay from the epoch after each milestone, lr * decay^k after all k milestones."""
+def test_lr_steps_down_by_lr_decay_right_after_each_milestone(lr, decay, epochs, marks):
+    """lr_at starts at lr in epoch 1 and changes only from an epoch m to the epoch m + 1 after a
+    milestone m, by exactly the factor lr_decay: between milestones it is constant. (The worked
+    values of the paper's schedule are in test_ibp.py.)"""
     cfg = M.Config(lr=lr, lr_decay=decay, lr_milestones=tuple(sorted(marks)))
-    lrs = [M.lr_at(e, cfg) for e in range(1, epochs + 1)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:])), 'LR increases'
-    for e, v in zip(range(1, epochs + 1), lrs):
-        assert math.isclose(v, lr * decay ** sum(m < e for m in marks), rel_tol=REL), f'epoch {e}'
     assert M.lr_at(1, cfg) == lr
-    assert math.isclose(M.lr_at(max(marks, default=0) + 1, cfg), lr * decay ** len(marks),
-                        rel_tol=REL)
+    for e in range(1, epochs):
+        before, after = M.lr_at(e, cfg), M.lr_at(e + 1, cfg)
+        factor = decay if e in marks else 1.0
+        assert math.isclose(after, before * factor, rel_tol=REL), f'epoch {e} -> {e + 1}'
