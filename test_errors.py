@@ -11,7 +11,6 @@ truncated copies of the real MNIST idx files, and a torchrun rank frozen with SI
 import contextlib
 import errno
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import pytest
 import torch
 
 import ibp_short_warmup as ibp
+from run_helpers import tree_digest  # {path: sha256}: any write shows up
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(REPO, 'ibp_short_warmup.py')
@@ -47,19 +47,6 @@ def one_thread():
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def tree_digest(root):
-    """{relative path: sha256} of every file and folder under root ({} if root is absent)."""
-    out = {}
-    for folder, dirs, files in os.walk(root):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(folder, d), root)] = 'folder'
-        for f in files:
-            path = os.path.join(folder, f)
-            with open(path, 'rb') as fh:
-                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
 def one_line(err, start='error: '):
     """stderr is exactly one line, starting with `start`, and no traceback."""
     lines = err.strip().splitlines()
