@@ -741,6 +741,9 @@ def gone(pid):
         return True
 
 
+@pytest.mark.skipif(not os.environ.get('THOROUGH_TESTS'),
+                    reason='two torchrun ranks and torchrun\'s own 30 s teardown take ~50 s on the '
+                           '2-core CPU: set THOROUGH_TESTS=1 (.ci/run does)')
 def test_a_frozen_rank_fails_rank_0_within_dist_timeout(tmp_path):
     out = tmp_path / 'frozen_run'
     logs = tmp_path / 'logs'
