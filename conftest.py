@@ -11,7 +11,6 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(REPO, 'tests_property'))  # oracles.py, beside the properties
 torch.set_num_threads(1)  # tiny networks: one thread is as fast, and the machine is shared
 
-import ibp_short_warmup as ibp  # noqa: E402
 from run_helpers import cli  # noqa: E402
 
 
@@ -27,6 +26,9 @@ def smoke(tmp_path_factory):
 def tiny_trained():
     """(model, (x, y)): CNN-7 without BN (so eval = train mode), width 1/16, on 16x16 synthetic
     images, after 20 clean Adam steps; and 128 test images (uint8)."""
+    # Imported here, not at the top: ../shared/gpu/check.sh finds the tools script as the first
+    # file (alphabetically) whose top level imports ibp_short_warmup, and conftest.py sorts first.
+    import ibp_short_warmup as ibp
     cfg = ibp.resolve(ibp.Config(dataset='synthetic', bn='none', method='vanilla', width=0.0625,
                                  synthetic_shape=(3, 16, 16), lr=5e-3, channels_last=False,
                                  out_dir='unused'))

@@ -60,3 +60,15 @@ def test_run_path_builds_trains_a_step_and_certifies_in_one_process():
     test = ns['synthetic_images'](16, info['shape'], info['classes'], 2)
     res = ns['evaluate'](model, test, cfg.eps, pgd_steps=2, recheck=True)
     assert 0 <= res['std_err'] <= res['pgd_err'] <= res['ver_err'] <= 1
+
+
+def test_the_tools_script_is_the_first_file_importing_the_main_file_at_top_level():
+    """The GPU check finds `python <tools script> benchmark ...` as the first file, alphabetically,
+    other than the main file and test_*.py, whose top level imports ibp_short_warmup: that must
+    be ibp_tools.py (conftest.py, say, imports it inside a fixture)."""
+    files = sorted(f for f in os.listdir(REPO) if f.endswith('.py') and not f.startswith('test_')
+                   and f != 'ibp_short_warmup.py')
+    first = [f for f in files if any(line.startswith(('import ibp_short_warmup',
+                                                      'from ibp_short_warmup import'))
+                                     for line in open(os.path.join(REPO, f)))]
+    assert first[0] == 'ibp_tools.py', first
