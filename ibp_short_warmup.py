@@ -194,22 +194,31 @@ def verified(lb, y):
 U, TINY, INF = 2.0 ** -53, 2.0 ** -1074, torch.tensor(math.inf, dtype=torch.float64)
 
 
-def hull(*corners):  # [min, max] of corners that are each one correctly rounded op, outward: an
-    v = torch.stack(torch.broadcast_tensors(*corners))  # exact result lies between the float
-    return torch.nextafter(v.amin(0), -INF), torch.nextafter(v.amax(0), INF)  # neighbours of fl
+def up(v):
+    # One correctly rounded op is off by at most half an ulp: the next float up bounds the exact
+    # result from above.
+    return torch.nextafter(v, INF)
+
+
+def hull(*corners):
+    # [min, max] of corners that are each one correctly rounded op, widened to the neighbouring
+    # floats: it encloses the exact [min, max].
+    v = torch.stack(torch.broadcast_tensors(*corners))
+    return torch.nextafter(v.amin(0), -INF), up(v.amax(0))
 
 
 def sound_affine(lo, hi, lin, w, b, n, rel=0.0):
     # Eq. (3) for z -> lin(z, w) + b, n products per output in any order (FMA or not): |fl(a.b) -
     # a.b| <= gamma_n |a|.|b| + n TINY, gamma_n = n U / (1 - n U). Exact W, b: w, b times 1 +- rel.
     c = (lo + hi) / 2  # any float: the radius covers [lo, hi]
-    r = hull(hi - c, c - lo)[1]
+    r = up(torch.maximum(hi - c, c - lo))
     cc = lin(c, w) + b  # exact W c + b = cc +- ((rel + gamma_{n+1}) (|w||c| + |b|) + n TINY)
     a = lin(r, w.abs())  # exact |W| r <= (1 + rel) |w| r; |w| r <= a + gamma_n |w| r + n TINY
     t = lin(c.abs() + r, w.abs()) + b.abs()  # T = |w|(|c|+r) + |b| <= (t + n TINY) / (1 - g_{n+2})
     # Summed, radius + centre error <= a + (rel + 2 gamma_{n+1}) T + 2n TINY <= a + k t + 3n TINY
     k = 2 * rel + 3 * (n + 2) * U  # >= (rel + 2 gamma_{n+1}) / (1 - gamma_{n+2}) as n U < 1e-3
-    r = hull(hull(a + hull(k * t)[1])[1] + 3 * n * TINY)[1]  # each op rounded up
+    slack = up(k * t)  # each of the three ops that build the radius is rounded up
+    r = up(up(a + slack) + 3 * n * TINY)
     return hull(cc - r, cc + r)
 
 
@@ -228,7 +237,8 @@ def sound_forward(m, lo, hi, boxes):  # ibp_forward's layers; `boxes` gets each 
         return sound_affine(lo, hi, lin, w, b.view(-1, *[1] * (lo.dim() - 2)), w[0].numel())
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, Normalize)):  # t -> w (t - mean) + beta
         if isinstance(m, Normalize):  # w = 1 / std, beta = 0
-            mean, beta, (w_lo, w_hi) = m.mean.double(), 0.0, hull(1 / m.std.double())
+            mean, beta = m.mean.double(), 0.0
+            w_lo, w_hi = hull(1 / m.std.double())
         else:  # Sec. 3.3.2 in eval mode: w = gamma / sqrt(var + eps), the running statistics
             g, beta, mean, var = (p.double().view(-1, *[1] * (lo.dim() - 2))
                                   for p in (m.weight, m.bias, m.running_mean, m.running_var))
@@ -589,7 +599,9 @@ def check(cfg):
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise UserError(f'--{f.name.replace("_", "-")} must be a finite number (got {v})')
-    counts = {}  # --eval-checkpoint checks its flags unresolved: a None count passes as 1
+    # --eval-checkpoint checks its flags unresolved (the checkpoint fills them in later), so a
+    # count still None passes as 1; a 0 given on the command line does not.
+    counts = {}
     for k in ('epochs', 'eps_start', 'eps_length', 'batch_size', 'accum_steps'):
         counts[k] = 1 if getattr(cfg, k) is None else getattr(cfg, k)
     epochs, start, length = counts['epochs'], counts['eps_start'], counts['eps_length']
@@ -735,7 +747,9 @@ def read_dataset(name, root, download=True):
     tvd = torchvision.datasets
     where = dict(tinyimagenet='tiny-imagenet-200/', cifar10='cifar-10-batches-py/',
                  mnist='MNIST/raw/', fashionmnist='FashionMNIST/raw/')[name]
-    tried = False  # a download: its failure means missing files, not corrupt ones
+    # A file that is there but does not load is corrupt; one that a download had to fetch was
+    # missing. The two need different advice, so the message says which.
+    tried = False
     try:
         if name == 'tinyimagenet':
             return tinyimagenet_data(root)
@@ -864,7 +878,9 @@ def evaluate(model, data, eps, batch_size=256, pgd_steps=0, pgd_restarts=1, seed
             if recheck and ver.any():  # only a verified sample can lose its verdict
                 v = ver.nonzero().squeeze(1)
                 ok = verified(sound_margins(model64, x8[v].cpu(), y[v].cpu(), eps), y[v].cpu())
-                changed, ver[v] = (~ok).sum().to(ver.device), ok.to(ver.device)
+                ok = ok.to(ver.device)
+                ver[v] = ok  # verified only if the sound pass agrees
+                changed = (~ok).sum()
             # A real attack inside the box: it may never beat a margin that IBP verified.
             attacked = wrong.clone()
             if pgd_steps and eps > 0:
@@ -883,6 +899,8 @@ def evaluate(model, data, eps, batch_size=256, pgd_steps=0, pgd_restarts=1, seed
 RUN_FILES = ('log.jsonl', 'last.pt', 'best.pt', 'metrics.json')  # a folder with one is a run's
 
 
+# Each write below replaces a whole file; the log too is rewritten whole each epoch (a few hundred
+# kB at most), so no file is ever appended to and half of a record can never reach the disk.
 def atomic_save(obj, path):
     # A checkpoint (.pt), a JSON file or a list of log records (.jsonl), written to a temporary
     # file and renamed over `path`: atomic on POSIX, so the old file stays whole until the new one
@@ -985,6 +1003,7 @@ def load_checkpoint(cfg, model, opt, dev):
     diff = [k for k, v in saved.items() if k not in RUNTIME_FIELDS and v != now.get(k)]
     if diff:
         raise UserError(f'--resume: {path} is from a run with other values of: ' + ', '.join(diff))
+    # The log must hold exactly the checkpoint's epochs: a resumed run continues both.
     records = read_log(os.path.join(cfg.out_dir, 'log.jsonl'), ck['epoch'])
     load_state(path, model, ck['model'])
     load_state(path, opt, ck['optimizer'])
@@ -1203,13 +1222,14 @@ def train(cfg):
     info, data = dataset_info(cfg), load_data(cfg, dev)
     model, opt, objective = prepare(cfg, dev, info, world)
     start, records, best, wall = load_checkpoint(cfg, model, opt, dev)
+    # The folder is made only now, after every check passed: a refused run writes nothing.
     if rank == 0:
         try:
             os.makedirs(cfg.out_dir, exist_ok=True)
         except OSError as e:  # a file of that name, a read-only parent, ...
             raise UserError(f'--out-dir {cfg.out_dir}: cannot make this folder ({e.strerror})')
         for name in os.listdir(cfg.out_dir):  # temporary files of a killed run of this folder
-            if name.endswith('.tmp') and name.split('.')[0] in ('log', 'last', 'best', 'metrics'):
+            if name.endswith('.tmp') and any(name.startswith(f + '.') for f in RUN_FILES):
                 os.remove(os.path.join(cfg.out_dir, name))
     clock = dict(shown=0.0, warned=False, epoch_s=None)  # for the progress line and the ETA
     for epoch in range(start, cfg.epochs + 1):
