@@ -30,12 +30,12 @@ def tiny_trained():
     # file (alphabetically) whose top level imports ibp_short_warmup, and conftest.py sorts first.
     import ibp_short_warmup as ibp
     cfg = ibp.resolve(ibp.Config(dataset='synthetic', bn='none', method='vanilla', width=0.0625,
-                                 synthetic_shape=(3, 16, 16), lr=5e-3, channels_last=False,
+                                 synthetic_shape=(3, 16, 16), lr=5e-3,
                                  out_dir='unused'))
     info = ibp.dataset_info(cfg)
     model, opt, objective = ibp.prepare(cfg, torch.device('cpu'), info)
     x, y = ibp.synthetic_images(512, info['shape'], info['classes'], 1)
     for i in range(20):
         idx = torch.arange(i * 32, (i + 1) * 32) % 512
-        ibp.train_step(objective, opt, ibp.to_input(x[idx], cfg), y[idx], 0.0, 0.0, cfg)
+        ibp.train_step(objective, opt, x[idx].float() / 255, y[idx], 0.0, 0.0, cfg)
     return model.eval(), ibp.synthetic_images(128, info['shape'], info['classes'], 2)

@@ -40,6 +40,10 @@ import torch.nn.functional as F
 import ibp_short_warmup as ibp
 
 
+def hms(seconds):
+    return f'{int(seconds // 3600)}:{time.strftime("%M:%S", time.gmtime(seconds))}'
+
+
 def median(values):
     return sorted(values)[len(values) // 2]
 
@@ -49,7 +53,7 @@ def benchmark(cfg, rounds=20):
     # of the dataset's shape, after 3 warm-up rounds, the device synchronized. The steps take
     # turns, so a drift of the machine's speed hits all alike: ratios per round, then the median.
     dev, info = ibp.setup_device(cfg), ibp.dataset_info(cfg)
-    x = ibp.to_input(torch.rand(cfg.batch_size, *info['shape'], device=dev), cfg)
+    x = torch.rand(cfg.batch_size, *info['shape'], device=dev)
     y = torch.randint(0, info['classes'], (cfg.batch_size,), device=dev)
     eps, steps = cfg.eps / 2, {}
     for name in ['clean', 'vanilla_ibp', 'ours']:
@@ -130,8 +134,8 @@ def diagnose_init(cfg, out_dir=None):
     dev, info = ibp.setup_device(cfg), ibp.dataset_info(cfg)
     source = cfg.dataset
     try:
-        small = dataclasses.replace(cfg, train_size=1, test_size=256, val_size=0)
-        x, y = ibp.load_data(small, dev)['test']
+        small = dataclasses.replace(cfg, train_size=1, test_size=256)
+        x, y = ibp.load_data(small, dev)[1]
     except ibp.UserError:  # no data here: a synthetic batch of that shape shows the gains too
         x, y = ibp.synthetic_images(256, info['shape'], info['classes'], 3)
         source = 'synthetic batch (dataset not available)'
@@ -195,8 +199,7 @@ STUDY_FLAGS = ['--dataset', 'mnist', '--width', '0.125', '--eps', '0.3', '--epoc
 STUDY_OWNED = {'method', 'bn', 'ibp_init', 'reg_tightness', 'reg_relu', 'seed', 'out_dir',
                'resume', 'eval_checkpoint', 'smoke'}
 # Fields of a finished run's config that do not change its result: a rerun may differ in them.
-NOT_RESULT = {'resume', 'device', 'data_dir', 'out_dir', 'progress', 'compile', 'tf32',
-              'channels_last'}
+NOT_RESULT = {'resume', 'device', 'data_dir', 'out_dir', 'compile', 'tf32'}
 FIGURE_ROWS = ['no_bn_vanilla', 'full_bn_vanilla', 'all_ours']  # the study's figures: seed 0
 
 
@@ -320,7 +323,7 @@ def write_table(study, rows, seeds, base, command, invocations):
     lines = ['# Ablation (the paper\'s Table 4)', '', f'Command: `{command}`', '',
              f'Every run: `python ibp_short_warmup.py {out["run_flags"]} ROW FLAGS --seed S '
              '--out-dir STUDY/ROW/sS`', '',
-             f'Seeds: {", ".join(map(str, seeds))}. Total time: {ibp.hms(total)} '
+             f'Seeds: {", ".join(map(str, seeds))}. Total time: {hms(total)} '
              f'({len(invocations)} invocation(s)). Errors in % on the test set at eps_target, '
              'mean ± standard deviation over seeds (n - 1); time: training and per-epoch '
              'evaluation, mean per run.', '',
@@ -422,12 +425,12 @@ def ablation(study, rows, n_seeds, flags, command):
             left = statistics.mean(took) * (todo - len(took))
             how = 'resumed, finished' if state == 'partial' else 'finished'
             print(f'{where}: {how} in {took[-1]:.0f} s: {result_line(m)} | study left about '
-                  f'{ibp.hms(left)}', flush=True)
+                  f'{hms(left)}', flush=True)
     finally:  # after a failure or Ctrl-C too: the table of the finished runs, and the time
         now['seconds'] = time.time() - t_start
         out = write_table(study, rows, seeds, base, command, invocations)
     print(f"table: {os.path.join(study, 'table.md')} (and table.json); this invocation "
-          f"{ibp.hms(now['seconds'])}, the whole study {ibp.hms(out['total_seconds'])}")
+          f"{hms(now['seconds'])}, the whole study {hms(out['total_seconds'])}")
     return out
 
 def main(argv=None):

@@ -93,7 +93,7 @@ def write_bad_checkpoint(kind, path, real, marker, other=None):
         torch.save(ck, path)
     elif kind == 'other_flags':
         shutil.copyfile(os.path.join(other, 'last.pt'), path)
-    elif kind == 'no_optimizer':  # a model-only file (like best.pt) where --resume needs last.pt
+    elif kind == 'no_optimizer':  # a model-only file where --resume needs the optimizer state
         ck = torch.load(real, weights_only=True)
         torch.save(dict(model=ck['model'], config=ck['config'], epoch=ck['epoch']), path)
     else:
@@ -143,11 +143,11 @@ def test_eval_checkpoint_refuses_a_bad_file_with_one_line(kind, tiny_run, tmp_pa
     assert tree_digest(tmp_path) == before
 
 
-@pytest.mark.parametrize('flags', [['--eps', '-0.5'], ['--eps', '0'], ['--pgd-restarts', '0'],
+@pytest.mark.parametrize('flags', [['--eps', '-0.5'], ['--eps', '0'], ['--eps', 'inf'],
                                    ['--pgd-steps', '-1']])
 def test_eval_checkpoint_checks_its_flags(flags, tiny_run, capsys):
     """--eval-checkpoint skips resolve: a negative eps would give negative radii and a false
-    certificate, no restart a traceback. Each is one line and exit 2 instead."""
+    certificate, a negative PGD step count a traceback. Each is one line and exit 2 instead."""
     args = ['--eval-checkpoint', str(tiny_run / 'last.pt'), '--device', 'cpu', *flags]
     rc, err = main_stderr(args, capsys)
     assert rc == 2

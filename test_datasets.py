@@ -1,6 +1,6 @@
 """Data: the augmentation (random flips and edge-padded crops), a dataset that is not there (one
-line), and the TinyImageNet folder (tiny-imagenet-200 layout): labels in wnids.txt order, the uint8
-cache written once and reused, a broken folder as one line with nothing written."""
+line), and the TinyImageNet folder (tiny-imagenet-200 layout): labels in ImageFolder's sorted order,
+as in the authors' release, nothing written into the folder, a broken folder as one line."""
 import json
 import os
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ibp_short_warmup as ibp
-from run_helpers import RunsCode, main_stderr, one_error_line, tree_digest
+from run_helpers import main_stderr, one_error_line, tree_digest
 
 CPU = torch.device('cpu')
 
@@ -54,9 +54,9 @@ def test_missing_dataset_offline_is_one_line(tmp_path, capsys):
     assert not os.path.exists(tmp_path / 'run' / 'last.pt')
 
 
-WNIDS = ['n09256479', 'n01443537', 'n04067472']  # not sorted: the labels are this line order
+WNIDS = ['n09256479', 'n01443537', 'n04067472']  # not sorted: the labels are the sorted order
 COLOURS = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]  # each class one solid colour
-VAL_CLASSES = [2, 0, 1, 1, 2, 0]  # the class of val_k.JPEG, by wnids.txt line
+VAL_CLASSES = [2, 0, 1, 1, 2, 0]  # the colour (index in WNIDS) of val_k.JPEG
 
 
 def write_tiny_imagenet(root, per_class=4):
@@ -96,53 +96,33 @@ def tmp_files(root):
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith('.tmp')]
 
 
-def test_tinyimagenet_labels_follow_wnids_and_the_cache_is_reused(tmp_path, monkeypatch):
-    import PIL.Image
+def test_tinyimagenet_labels_are_the_sorted_wnids_and_nothing_is_written(tmp_path):
     base = write_tiny_imagenet(tmp_path)
-    data = ibp.load_data(tiny_cfg(tmp_path, tmp_path / 'run'), CPU)
-    (xtr, ytr), (xte, yte) = data['train'], data['test']
+    before = tree_digest(base)
+    (xtr, ytr), (xte, yte) = ibp.load_data(tiny_cfg(tmp_path, tmp_path / 'run'), CPU)
     assert xtr.dtype == torch.uint8 and xtr.shape == (12, 3, 64, 64) and xte.shape == (6, 3, 64, 64)
-    assert data['val'] is None
+    label_of_colour = torch.tensor([sorted(WNIDS).index(w) for w in WNIDS])
     for x, y in ((xtr, ytr), (xte, yte)):
-        assert torch.equal(y, colour_class(x))
-        colours = torch.tensor(COLOURS, dtype=torch.int16)[y][:, :, None, None]
+        assert torch.equal(y, label_of_colour[colour_class(x)])
+        colours = torch.tensor(COLOURS, dtype=torch.int16)[colour_class(x)][:, :, None, None]
         assert (x.short() - colours).abs().max() <= 8
     assert torch.bincount(ytr).tolist() == [4, 4, 4] and torch.bincount(yte).tolist() == [2, 2, 2]
-    cache = base / 'uint8_tensors.pt'
-    assert cache.is_file() and not tmp_files(tmp_path)
-    torch.load(cache, weights_only=True)  # the cache itself loads safely
-    # reused: no JPEG left to decode, and PIL may not open anything
-    for d, _, fs in os.walk(base):
-        for f in fs:
-            if f.endswith('.JPEG'):
-                os.remove(os.path.join(d, f))
-
-    def no_decoding(*args, **kwargs):
-        raise AssertionError('decoded an image although the cache exists')
-
-    monkeypatch.setattr(PIL.Image, 'open', no_decoding)
-    again = ibp.load_data(tiny_cfg(tmp_path, tmp_path / 'run'), CPU)
-    for split in ('train', 'test'):
-        for a, b in zip(data[split], again[split]):
-            assert torch.equal(a, b), split
+    assert tree_digest(base) == before and not tmp_files(tmp_path)
 
 
-def break_folder(kind, base, marker):
+def break_folder(kind, base):
     if kind == 'no_annotations':
         os.remove(base / 'val' / 'val_annotations.txt')
-    elif kind == 'no_wnids':
-        os.remove(base / 'wnids.txt')
-    elif kind == 'class_folder_missing':  # a 4th wnid listed, its train folder absent
-        with open(base / 'wnids.txt', 'a') as f:
-            f.write('n02099601\n')
+    elif kind == 'unknown_val_class':  # a val image of a wnid that has no train folder
+        with open(base / 'val' / 'val_annotations.txt', 'a') as f:
+            f.write('val_0.JPEG\tn02099601\t0\t0\t63\t63\n')
+    elif kind == 'empty_class_folder':
+        for f in os.listdir(base / 'train' / WNIDS[0] / 'images'):
+            os.remove(base / 'train' / WNIDS[0] / 'images' / f)
     elif kind == 'truncated_jpeg':
         path = base / 'train' / WNIDS[1] / 'images' / f'{WNIDS[1]}_2.JPEG'
         data = path.read_bytes()
         path.write_bytes(data[:len(data) // 2])
-    elif kind == 'garbage_cache':
-        (base / 'uint8_tensors.pt').write_bytes(b'\x00garbage, not a tensor file')
-    elif kind == 'code_cache':
-        torch.save(RunsCode(marker), base / 'uint8_tensors.pt')
 
 
 TINY_FLAGS = ['--dataset', 'tinyimagenet', '--width', '0.03', '--epochs', '2', '--eps-start', '1',
@@ -150,12 +130,12 @@ TINY_FLAGS = ['--dataset', 'tinyimagenet', '--width', '0.03', '--epochs', '2', '
               '--device', 'cpu']
 
 
-@pytest.mark.parametrize('kind', ['no_annotations', 'no_wnids', 'class_folder_missing',
-                                  'truncated_jpeg', 'garbage_cache', 'code_cache'])
+@pytest.mark.parametrize('kind', ['no_annotations', 'unknown_val_class', 'empty_class_folder',
+                                  'truncated_jpeg'])
 def test_broken_tinyimagenet_folder_is_a_user_error(kind, tmp_path, capsys):
-    root, marker = tmp_path / 'data', tmp_path / 'marker'
+    root = tmp_path / 'data'
     base = write_tiny_imagenet(root)
-    break_folder(kind, base, marker)
+    break_folder(kind, base)
     before = tree_digest(root)
     with pytest.raises(ibp.UserError) as e:
         ibp.load_data(tiny_cfg(root, tmp_path / 'run'), CPU)
@@ -164,8 +144,8 @@ def test_broken_tinyimagenet_folder_is_a_user_error(kind, tmp_path, capsys):
     rc, err = main_stderr(TINY_FLAGS + ['--data-dir', str(root), '--out-dir', str(out)], capsys)
     assert rc == 2
     one_error_line(err)
-    assert not marker.exists() and not (out / 'last.pt').exists()
-    assert tree_digest(root) == before  # no cache (or half a cache) written from a broken folder
+    assert not (out / 'last.pt').exists()
+    assert tree_digest(root) == before  # nothing written
 
 
 def test_tinyimagenet_cli_run_trains_and_certifies(tmp_path, capsys):
@@ -179,4 +159,3 @@ def test_tinyimagenet_cli_run_trains_and_certifies(tmp_path, capsys):
     assert 0 <= metrics['ver_err'] <= 1
     assert metrics['std_err'] <= metrics['pgd_err'] <= metrics['ver_err']
     assert [json.loads(line)['epoch'] for line in open(out / 'log.jsonl')] == [1, 2]
-    assert (root / 'tiny-imagenet-200' / 'uint8_tensors.pt').is_file()

@@ -50,7 +50,7 @@ def check_epoch_stats_cover_the_global_batch(records):
 
 def ddp_config():
     return ibp.resolve(ibp.Config(dataset='synthetic', width=0.0625, synthetic_shape=(3, 16, 16),
-                                  channels_last=False, out_dir='unused'))
+                                  out_dir='unused'))
 
 
 def ddp_worker(rank, port, out, x, y, eps, lam):

@@ -11,7 +11,7 @@ from oracles import TOL, tol_of
 F32 = torch.float32
 # mostly verified / partly verified and attackable / nothing verified
 ATTACK_EPS = [1e-4, 4e-4, 3e-3]
-PGD = dict(pgd_steps=10, pgd_restarts=2)
+PGD = dict(pgd_steps=10)
 
 
 def test_evaluate_error_ordering(tiny_trained):
@@ -53,18 +53,18 @@ def test_pgd_margin_between_ibp_bound_and_clean_margin(tiny_trained):
     with torch.no_grad():
         clean = true_margin(model(x), y)
     tol = tol_of(F32, clean.abs())
-    steps, restarts = PGD['pgd_steps'], PGD['pgd_restarts']
+    steps = PGD['pgd_steps']
     for eps in ATTACK_EPS[1:]:
         with torch.no_grad():
             _, lb = ibp.ibp_margins(model, x, y, eps)
         # min over j != y of the certified lower bound of z_y - z_j
         worst = lb.masked_fill(F.one_hot(y, lb.shape[1]).bool(), float('inf')).amin(1)
         rec = Recorder(model)
-        found = ibp.pgd_margin(rec, x, y, eps, steps, restarts, torch.Generator().manual_seed(0))
+        found = ibp.pgd_margin(rec, x, y, eps, steps, torch.Generator().manual_seed(0))
         assert found.shape == y.shape
         # every point the attack tried lies in the clipped eps-box, and the result is the smallest
         # margin among them (recomputed by a plain forward pass)
-        assert len(rec.seen) == restarts * (steps + 1)
+        assert len(rec.seen) == steps + 1
         lo, up = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
         for pt in rec.seen:
             assert torch.all(pt >= lo - tol_of(F32)) and torch.all(pt <= up + tol_of(F32))

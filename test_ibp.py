@@ -106,10 +106,10 @@ The paper's claims, section by section, in the order of this file
         P test_schedules.py::test_lr_steps_down_by_lr_decay_right_after_each_milestone
 
 Plumbing lives in its own files: test_cli.py (flags, one-line errors), test_training_runs.py (the
-smoke run, progress and ETA, divergence), test_checkpoints.py (resume, --eval-checkpoint, safe
+smoke run, the ETA, divergence), test_checkpoints.py (resume, --eval-checkpoint, safe
 loading), test_distributed.py (torchrun, DDP), test_datasets.py (augmentation, dataset folders),
 test_evaluation.py (standard / PGD / verified error), test_speed_paths.py (fp32 certification, TF32,
-channels-last, fused Adam, torch.compile), test_tools.py (init_gains, the diagnosis, the benchmark),
+fused Adam, torch.compile), test_tools.py (init_gains, the diagnosis, the benchmark),
 test_readme.py, test_plots.py.
 
 Every expected value comes from an oracle that is not the code under test: numbers worked by hand
@@ -661,7 +661,7 @@ def test_objective_eq10_by_hand(tight, relu):
     close(stats['loss'], HAND_ROBUST, F32)
     close(stats['l_tightness'], HAND_TIGHT, F32)
     close(stats['l_relu'], HAND_RELU, F32)
-    close(stats['relu'], [[0.25, 0.25, 0.5]], F32)  # active h0 of image 1, inactive h1 of image 2
+    close(stats['relu_per_layer'], [[0.25, 0.25, 0.5]], F32)  # active h0 of image 1, inactive h1 of image 2
     # image 2 is misclassified (logits [0.5, 0]) and not verified (lb -0.9); image 1 is both
     close(stats['train_err'], 0.5, F32)
     close(stats['train_ver_err'], 0.5, F32)
@@ -709,7 +709,7 @@ def test_objective_is_batch_loss_as_a_module():
     loss, stats = objective(x, y, 2 / 255, 0.3)
     loss_ref, stats_ref = ibp.batch_loss(ref, x, y, 2 / 255, 0.3, cfg)
     close(loss, loss_ref)
-    assert {'loss', 'l_tightness', 'l_relu', 'train_err', 'train_ver_err', 'relu'} <= set(stats)
+    assert {'loss', 'l_tightness', 'l_relu', 'train_err', 'train_ver_err', 'relu_per_layer'} <= set(stats)
     for k, v in stats_ref.items():
         close(stats[k].to(v.dtype), v, v.dtype)
     loss.backward()

@@ -151,7 +151,7 @@ def rounding_case(tmp_path_factory):
     out = tmp_path_factory.mktemp('rounding') / 'run'
     for n in range(2, 9):
         cfg = ibp.resolve(ibp.parse_args(rounding_flags(n, out)))
-        data = ibp.load_data(dataclasses.replace(cfg, train_size=1, val_size=0), CPU)['test']
+        data = ibp.load_data(dataclasses.replace(cfg, train_size=1), CPU)[1]
         counts = torch.bincount(data[1], minlength=2)
         if (counts == 1).any():
             break
