@@ -395,7 +395,7 @@ class UserError(Exception):
 def first_line(e):
     return f'{type(e).__name__}: {str(e).splitlines()[0]}' if str(e).strip() else type(e).__name__
 
-def flag(default, help, low=None, high=math.inf, **kw):  # range: (low, high] float, [ ] int
+def flag(default, help, low=None, high=math.inf, **kw):  # (low, high] for a float, >= low: int
     return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, **kw))
 
 Opt, Ints = typing.Optional, typing.Tuple[int, ...]
@@ -483,13 +483,14 @@ def resolve(cfg):  # every None: the dataset's or the method's default ([paper] 
 
 def check(cfg):  # every value, as parsed: one line naming its flag, not a diverging run
     for f in dataclasses.fields(Config):
-        v, low, high, name = getattr(cfg, f.name), f.metadata['low'], f.metadata['high'], f.name
+        v, m, name = getattr(cfg, f.name), f.metadata, '--' + f.name.replace('_', '-')
         if isinstance(v, float) and not math.isfinite(v):
-            raise UserError(f'--{name.replace("_", "-")} must be a finite number (got {v})')
-        if isinstance(v, float) and low is not None and not low < v <= high:
-            raise UserError(f'--{name.replace("_", "-")} must be in ({low}, {high}] (got {v})')
-        if isinstance(v, int) and low is not None and not low <= v <= high:
-            raise UserError(f'--{name.replace("_", "-")} must be >= {low} (got {v})')
+            raise UserError(f'{name} must be a finite number (got {v})')
+        if isinstance(v, float) and m['low'] is not None and not m['low'] < v <= m['high']:
+            rule = f"in ({m['low']}, {m['high']}]" if m['high'] < math.inf else f"> {m['low']}"
+            raise UserError(f'{name} must be {rule} (got {v})')
+        if isinstance(v, int) and m['low'] is not None and not m['low'] <= v:
+            raise UserError(f"{name} must be >= {m['low']} (got {v})")
     start, length, shape = cfg.eps_start or 1, cfg.eps_length or 1, cfg.synthetic_shape
     epochs, ramp_end, milestones = cfg.epochs or 1, start + length - 1, cfg.lr_milestones or ()
     for ok, msg in [
@@ -814,9 +815,8 @@ def train_step(objective, opt, x, y, eps, lam, cfg):
     return total
 
 def check_finite(flags, epoch, steps, cfg):  # before the epoch is saved; flags: [step, what]
-    bad = flags.any(1).nonzero()
-    if len(bad):
-        step = bad[0, 0].item()
+    if flags.any():
+        step = flags.any(1).nonzero()[0, 0].item()
         what = ['loss', 'margin bound', 'gradient norm'][flags[step].nonzero()[0, 0].item()]
         eps = eps_at((epoch - 1) * steps + step, steps, cfg.eps, cfg.eps_start, cfg.eps_length)
         kept = f'last.pt keeps epoch {epoch - 1}' if epoch > 1 else 'no epoch was saved'
