@@ -35,7 +35,6 @@ import io
 import json
 import math
 import os
-import socket
 import sys
 import time
 import typing
@@ -376,7 +375,8 @@ def eps_at(step, steps_per_epoch, eps_target, start, length):
         return 0.0
     if step >= final:
         return eps_target
-    mid, t = init + int(0.25 * (final - init)), int(0.25 * (final - init))
+    t = int(0.25 * (final - init))  # the polynomial part: the ramp's first quarter
+    mid = init + t
     mid_eps = eps_target * t / (4 * (final - mid) + t)  # continuous slope at mid
     if step < mid:
         return mid_eps * ((step - init) / t) ** 4
@@ -561,16 +561,16 @@ def synthetic_images(n, shape, classes, seed):  # a smooth prototype per class, 
 def tinyimagenet_data(root):
     # The official tiny-imagenet-200 folder (cs231n.stanford.edu/tiny-imagenet-200.zip): classes in
     # ImageFolder's (sorted) order, as in the authors' release; val/ labelled by its annotations.
-    base, to_tensor = os.path.join(root, 'tiny-imagenet-200'), torchvision.transforms.functional
+    base = os.path.join(root, 'tiny-imagenet-200')
     train = torchvision.datasets.ImageFolder(os.path.join(base, 'train'))
     with open(os.path.join(base, 'val', 'val_annotations.txt')) as f:
         val = [(os.path.join(base, 'val', 'images', name), train.class_to_idx[wnid])
                for name, wnid, *_ in (line.split('\t') for line in f if line.strip())]
-    return [(torch.stack([to_tensor.pil_to_tensor(train.loader(path)) for path, _ in part]),
+    decode = torchvision.transforms.PILToTensor()  # uint8, C H W
+    return [(torch.stack([decode(train.loader(path)) for path, _ in part]),
              torch.tensor([y for _, y in part])) for part in (train.samples, val)]
 
 def read_dataset(name, root, download=True):  # uint8 (train, test); torchvision downloads
-    socket.setdefaulttimeout(60)  # a download that hangs fails instead
     where = dict(tinyimagenet='tiny-imagenet-200/', cifar10='cifar-10-batches-py/',
                  mnist='MNIST/raw/', fashionmnist='FashionMNIST/raw/')[name]
     cls = dict(mnist=torchvision.datasets.MNIST, fashionmnist=torchvision.datasets.FashionMNIST,
@@ -770,11 +770,10 @@ def open_run(cfg, model, opt, dev, rank):
 def eval_checkpoint(cfg):  # certify with the checkpoint's config and data; writes nothing
     dev = setup_device(check(cfg))
     ck = read_checkpoint(cfg.eval_checkpoint, dev)
-    saved = Config(**ck['config'])
-    saved = dataclasses.replace(saved, device=cfg.device, train_size=1,
-                                data_dir=cfg.data_dir or saved.data_dir or 'data',
-                                test_size=cfg.test_size or saved.test_size,
-                                eval_checkpoint=cfg.eval_checkpoint, compile=False)
+    saved = Config(**ck['config'])  # its own flags, but for the device, data folder, test size
+    saved = dataclasses.replace(saved, device=cfg.device, eval_checkpoint=cfg.eval_checkpoint,
+                                data_dir=cfg.data_dir or saved.data_dir, train_size=1,
+                                test_size=cfg.test_size or saved.test_size)
     model = build_model(saved, dataset_info(saved)).to(dev)
     load_state(cfg.eval_checkpoint, model, ck['model'])
     eps = cfg.eps if cfg.eps is not None else saved.eps
@@ -850,10 +849,10 @@ def train_epoch(epoch, opt, objective, data, info, cfg, dev, rank, world, eta):
         for k, v in stats.items():  # summed on the device: no host sync inside the epoch
             sums[k] = sums.get(k, 0) + v * len(y)
         if eta and (time.time() - t0 > 20 or (i == steps - 1 and epoch < cfg.epochs)):
-            left = (time.time() - t0) / (i + 1) * (steps * (cfg.epochs - epoch + 1) - i - 1)
-            end = time.strftime('%Y-%m-%d %H:%M', time.localtime(time.time() + left))
-            left = datetime.timedelta(seconds=round(left))
-            print(f'eta: training ends around {end}, in about {left} (without evaluation)')
+            steps_left = steps * (cfg.epochs - epoch + 1) - i - 1
+            left = datetime.timedelta(seconds=round((time.time() - t0) / (i + 1) * steps_left))
+            print(f'eta: training ends around {datetime.datetime.now() + left:%Y-%m-%d %H:%M}, '
+                  f'in about {left} (without evaluation)')
             eta = False
     flags = torch.stack(flags)
     for v in [flags, *sums.values()] if world > 1 else []:  # torchrun: the sums over all ranks
@@ -924,8 +923,8 @@ def main(argv=None):
         print(f'error: {e if isinstance(e, UserError) else f"{e.filename}: {e.strerror or e}"}',
               file=sys.stderr)
         return 2
-    except RuntimeError as e:  # torchrun: another rank failed or stopped answering (Gloo, NCCL
-        if not torch.distributed.is_initialized():  # say it in many ways): one line, the first
+    except RuntimeError as e:  # under torchrun: another rank failed or stopped answering
+        if not torch.distributed.is_initialized():
             raise
         print(f'error: torchrun: a rank stopped answering or failed ({first_line(e)}); '
               f'--dist-timeout is {cfg.dist_timeout} s', file=sys.stderr)
@@ -944,7 +943,8 @@ def main(argv=None):
 
 if __name__ == '__main__':
     code = main()
-    if int(os.environ.get('RANK', 0)) > 0:  # torchrun's other ranks skip the interpreter's
-        sys.stdout.flush(), sys.stderr.flush()  # teardown: its C++ destructors can abort after Gloo
-        os._exit(code)
+    if int(os.environ.get('RANK', 0)) > 0:  # torchrun's other ranks: Gloo's teardown can abort
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # skips the interpreter's teardown
     sys.exit(code)
